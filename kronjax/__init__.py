@@ -1,0 +1,1 @@
+"""kronjax: Kronecker factorization in JAX (filled in as modules land)."""
