@@ -1,0 +1,131 @@
+"""Kronecker-factored Fisher blocks from per-layer tapes.
+
+For a layer with combined weight matrix ``W̄`` of shape ``(d_in [+1], d_out)``
+(see ``../shared/DESIGN.md``), the K-FAC block of the row-major ``vec(W̄)`` is
+``A ⊗ G`` with
+
+.. math::
+
+  A = \\frac{1}{N T} \\sum_{n,t} \\bar a_{nt} \\bar a_{nt}^\\top, \\qquad
+  G = \\sum_s \\frac{1}{N} \\sum_{n,t} g^s_{nt} {g^s_{nt}}^\\top
+
+(K-FAC-expand), or, with K-FAC-reduce,
+
+.. math::
+
+  A = \\frac{1}{N} \\sum_n \\hat a_n \\hat a_n^\\top, \\quad
+  \\hat a_n = \\frac{1}{T}\\sum_t \\bar a_{nt}, \\qquad
+  G = \\sum_s \\frac{1}{N} \\sum_n \\hat g^s_n {\\hat g^s_n}^\\top, \\quad
+  \\hat g^s_n = \\sum_t g^s_{nt}.
+
+``ā`` is the input with a constant 1 appended when the layer has a bias. An
+embedding's input factor is the diagonal of token frequencies (the one-hot
+outer products are diagonal), stored as a vector; embeddings always use the
+expand rule, since reduce would make their input factor dense.
+
+References:
+  Martens & Grosse 2015, Optimizing neural networks with Kronecker-factored
+  approximate curvature. Grosse & Martens 2016, A Kronecker-factored
+  approximate Fisher matrix for convolution layers. Eschenhagen et al. 2023,
+  Kronecker-factored approximate curvature for modern neural network
+  architectures.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+
+from kronjax.linalg import Kron
+from kronjax.tape import LayerPath, LayerTape, Tape
+
+WeightSharing = Literal["expand", "reduce"]
+
+# Parameter names that a tapped layer owns.
+LAYER_PARAMS = ("kernel", "bias", "embedding")
+
+
+def fisher_blocks(
+    tape: Tape, weight_sharing: WeightSharing = "expand"
+) -> dict[LayerPath, Kron]:
+  """Turns tapes into K-FAC blocks, one ``Kron(A, G)`` per layer.
+
+  Args:
+    tape: ``{layer_path: LayerTape}``, e.g. from
+      ``kronjax.flax.value_grad_and_tape``.
+    weight_sharing: ``"expand"`` (default) or ``"reduce"``: how positions that
+      share the weights (convolution positions, tokens, repeated calls of a
+      shared layer) enter the factors (Eschenhagen et al. 2023).
+
+  Returns:
+    ``{layer_path: Kron(A, G)}`` with ``A`` of shape ``(d_in [+1],) * 2`` (a
+    vector, the diagonal, for embeddings) and ``G`` of shape ``(d_out, d_out)``.
+  """
+  if weight_sharing not in ("expand", "reduce"):
+    raise ValueError(
+        f'weight_sharing={weight_sharing!r}; use "expand" or "reduce".')
+  return {path: layer_block(t, weight_sharing, path)
+          for path, t in tape.items()}
+
+
+def layer_block(
+    t: LayerTape, weight_sharing: WeightSharing = "expand",
+    path: LayerPath = ()
+) -> Kron:
+  """The ``Kron(A, G)`` block of one layer's tape (see the module docstring)."""
+  g = t.output_grads
+  if g.ndim != 4:
+    raise ValueError(f"Layer {path}: output_grads must be (S, N, T, d_out), "
+                     f"got shape {g.shape}.")
+  _, n, positions, _ = g.shape
+  if t.kind == "embed":
+    ids = t.inputs.reshape(-1)
+    counts = jnp.zeros((t.num_embeddings,), g.dtype).at[ids].add(1.0)
+    return Kron(counts / ids.size, _expand_g(g, n))
+  a = t.inputs
+  if a.ndim != 3 or a.shape[:2] != (n, positions):
+    raise ValueError(
+        f"Layer {path}: inputs of shape {a.shape} do not match output_grads of "
+        f"shape {g.shape}; expected (N, T, d_in) = ({n}, {positions}, d_in).")
+  if t.has_bias:
+    a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
+  if weight_sharing == "reduce":
+    a_hat = a.mean(axis=1)
+    g_hat = g.sum(axis=2)
+    return Kron(a_hat.T @ a_hat / n,
+                jnp.einsum("sni,snj->ij", g_hat, g_hat) / n)
+  a2 = a.reshape(-1, a.shape[-1])
+  return Kron(a2.T @ a2 / a2.shape[0], _expand_g(g, n))
+
+
+def _expand_g(g: jax.Array, n: int) -> jax.Array:
+  g2 = g.reshape(-1, g.shape[-1])
+  return g2.T @ g2 / n
+
+
+def uncovered_parameters(params: Any, layers) -> list[tuple[str, ...]]:
+  """Lists the parameters that no tapped layer covers.
+
+  K-FAC preconditions only the layers it has blocks for; the rest (normalisation
+  scales, untapped layers, ...) need another treatment, e.g. a first-order
+  optimizer through ``optax.partition``.
+
+  Args:
+    params: the parameter tree (nested dicts).
+    layers: the tapped layer paths: a tape, a dict of blocks, or any iterable of
+      paths.
+
+  Returns:
+    The paths (tuples of keys) of the uncovered parameter arrays, in tree order.
+  """
+  covered = set(layers)
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  out = []
+  for key_path, _ in flat:
+    path = tuple(getattr(k, "key", getattr(k, "name", str(k)))
+                 for k in key_path)
+    if not (path[:-1] in covered and path[-1] in LAYER_PARAMS):
+      out.append(path)
+  return out
