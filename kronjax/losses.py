@@ -1,0 +1,431 @@
+"""Negative log-likelihood losses with what K-FAC needs from them.
+
+Each loss is the negative log-likelihood ``ℓ(f, y) = −log p(y | f)`` of an
+exponential-family predictive distribution with natural parameters ``f``, the
+model's outputs. Outputs are shaped ``(N, *extra, C)``; a *term* is one
+position ``(n, *extra)`` and the loss value is the mean over the ``M``
+(unmasked) terms,
+
+.. math::
+
+  L = \\frac{1}{M} \\sum_{\\text{terms } i} m_i \\, \\ell(f_i, y_i),
+  \\qquad M = \\max\\Big(1, \\sum_i m_i\\Big),
+
+with ``m_i ∈ {0, 1}`` the mask (all ones unless the loss masks labels).
+
+Besides the value, K-FAC needs per-term output gradients
+``g_i = ∂ℓ(f_i, y_i)/∂f_i``, targets drawn from the model's predictive
+distribution (for the Monte-Carlo Fisher, Martens & Grosse 2015 §5), a square
+root of the output Fisher (for the exact Fisher) and output-Fisher-vector
+products (for the quadratic model of Martens & Grosse 2015 §7). Per term, the
+output Fisher is
+
+.. math::
+
+  Λ_i = \\mathbb{E}_{y \\sim p(\\cdot | f_i)}[g_i(y) g_i(y)^\\top]
+      = \\nabla^2_{f_i} \\ell(f_i, y_i),
+
+and the two are equal (independently of ``y_i``) because ``f`` is the natural
+parameter of an exponential family, so the Fisher of the outputs equals the
+Hessian of the loss and the Fisher of the parameters equals the generalised
+Gauss-Newton matrix (Martens 2020, §9). ``Λ`` is block-diagonal over terms.
+
+Examples:
+  >>> import jax, jax.numpy as jnp
+  >>> from kronjax import losses
+  >>> logits, labels = jnp.zeros((2, 3)), jnp.array([0, 2])
+  >>> round(float(losses.softmax_cross_entropy(logits, labels)), 4)  # log 3
+  1.0986
+  >>> losses.softmax_cross_entropy.fisher_sqrt(logits, labels).shape
+  (3, 2, 3)
+
+References:
+  Martens & Grosse 2015, Optimizing neural networks with Kronecker-factored
+  approximate curvature. Martens 2020, New insights and perspectives on the
+  natural gradient method (JMLR 21).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from typing import ClassVar, final
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "NegativeLogLikelihood",
+    "SigmoidBinaryCrossEntropy",
+    "SoftmaxCrossEntropy",
+    "SquaredError",
+    "sigmoid_binary_cross_entropy",
+    "softmax_cross_entropy",
+    "squared_error",
+]
+
+
+class NegativeLogLikelihood(abc.ABC):
+  """A per-term negative log-likelihood, averaged over (unmasked) terms.
+
+  Subclasses define the per-position maths on unmasked arrays (``_nll``,
+  ``_grad``, ``_sample``, ``_sqrt_fisher``, ``_fisher_vp``); this class does
+  the shape checks, masking, averaging and the per-position layout of the
+  Fisher square root. All methods are pure and jit/vmap-friendly.
+  """
+
+  name: ClassVar[str]
+  # True: targets are integer labels shaped outputs.shape[:-1]; False: targets
+  # are shaped like the outputs.
+  _labels: ClassVar[bool] = False
+
+  # Public API ----------------------------------------------------------------
+
+  def __call__(self, outputs: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean negative log-likelihood over the (unmasked) terms.
+
+    Args:
+      outputs: ``(N, *extra, C)`` model outputs (natural parameters).
+      targets: ``(N, *extra)`` integer labels or ``(N, *extra, C)`` targets.
+
+    Returns:
+      A scalar of the outputs' dtype; 0 when every term is masked.
+    """
+    per_term = self.per_term(outputs, targets)
+    total = jnp.sum(per_term) / self.num_terms(targets)
+    return total.astype(per_term.dtype)
+
+  def per_term(self, outputs: jax.Array, targets: jax.Array) -> jax.Array:
+    """``ℓ(f_i, y_i)`` for every term, shape ``(N, *extra)``, 0 where masked."""
+    outputs, targets = self._check(outputs, targets)
+    return self._masked(self._nll(outputs, targets), targets, 0)
+
+  def num_terms(self, targets: jax.Array) -> jax.Array:
+    """``M``: the number of unmasked terms (at least 1), a float scalar."""
+    targets = self._check_targets(targets)
+    mask = self._mask(targets)
+    dtype = jnp.result_type(float)
+    if mask is None:
+      return jnp.asarray(math.prod(self._term_shape(targets)), dtype)
+    return jnp.maximum(jnp.sum(mask, dtype=dtype), 1)
+
+  def mask(self, targets: jax.Array) -> jax.Array:
+    """``(N, *extra)`` float mask: 1 for terms that count, 0 for masked ones."""
+    targets = self._check_targets(targets)
+    mask = self._mask(targets)
+    if mask is None:
+      return jnp.ones(self._term_shape(targets), jnp.result_type(float))
+    return mask.astype(jnp.result_type(float))
+
+  def output_grad(self, outputs: jax.Array, targets: jax.Array) -> jax.Array:
+    """``g_i = ∂ℓ(f_i, y_i)/∂f_i`` per term (not divided by ``M``).
+
+    Returns:
+      An array shaped like ``outputs``, 0 at masked terms.
+    """
+    outputs, targets = self._check(outputs, targets)
+    return self._masked(self._grad(outputs, targets), targets, 1)
+
+  def sample_targets(
+      self, rng: jax.Array, outputs: jax.Array, num_samples: int
+  ) -> jax.Array:
+    """Draws targets from the predictive distribution ``p(y | f)``.
+
+    With ``y`` drawn this way, ``output_grad(outputs, y)`` has mean zero and
+    covariance ``Λ_i`` per term, which makes the Monte-Carlo Fisher unbiased.
+
+    Args:
+      rng: a PRNG key.
+      outputs: ``(N, *extra, C)`` model outputs.
+      num_samples: how many draws (a static positive int).
+
+    Returns:
+      ``(num_samples, *targets_shape)`` targets, as this loss takes them.
+    """
+    outputs = self._check_outputs(outputs)
+    if (not isinstance(num_samples, int) or isinstance(num_samples, bool)
+        or num_samples < 1):
+      raise ValueError(
+          f"num_samples must be a positive int, got {num_samples!r}.")
+    return self._sample(rng, outputs, num_samples)
+
+  def fisher_sqrt(self, outputs: jax.Array, targets: jax.Array) -> jax.Array:
+    """Columns ``b_k`` with ``Σ_k b_k b_kᵀ = Λ``, the output Fisher.
+
+    Per position, ``S`` is a ``C × C`` matrix whose rows ``s_k`` satisfy
+    ``Σ_k s_k s_kᵀ = Λ_i``. Column ``(t, k)`` of the result holds ``s_k`` of
+    position ``t`` of every example at once and is zero at every other
+    position, so positions of one example never mix: per example,
+    ``Σ_k b_k[n] b_k[n]ᵀ`` is block-diagonal with blocks ``Λ_{n,t}``. Without
+    extra dims (``T = 1``) this is ``K = C`` columns. Examples may share a
+    column because K-FAC only forms per-example outer products.
+
+    Args:
+      outputs: ``(N, *extra, C)`` model outputs.
+      targets: used only for the mask.
+
+    Returns:
+      ``(T·C, N, *extra, C)`` with ``T = prod(extra)``; zero at masked terms.
+    """
+    outputs, targets = self._check(outputs, targets)
+    n, *extra, c = outputs.shape
+    num_positions = math.prod(extra)
+    roots = self._masked(self._sqrt_fisher(outputs), targets, 2)
+    roots = roots.reshape(n, num_positions, c, c)  # (n, t, k, c)
+    eye = jnp.eye(num_positions, dtype=roots.dtype)
+    # Column (t, k) is s_k at position t and zero at the other positions s.
+    columns = jnp.einsum("ntkc,ts->tknsc", roots, eye)
+    return columns.reshape(num_positions * c, n, *extra, c)
+
+  def fisher_vp(
+      self, outputs: jax.Array, targets: jax.Array, v: jax.Array
+  ) -> jax.Array:
+    """``Λ_i v_i`` per term (not divided by ``M``), 0 at masked terms.
+
+    Args:
+      outputs: ``(N, *extra, C)`` model outputs.
+      targets: used only for the mask.
+      v: a tangent shaped like ``outputs``.
+
+    Returns:
+      An array shaped like ``outputs``.
+    """
+    outputs, targets = self._check(outputs, targets)
+    v = jnp.asarray(v)
+    if v.shape != outputs.shape:
+      raise ValueError(
+          f"v must have the outputs' shape {outputs.shape}; got {v.shape}.")
+    return self._masked(self._fisher_vp(outputs, v), targets, 1)
+
+  # Per-position maths, on unmasked arrays ------------------------------------
+
+  @abc.abstractmethod
+  def _nll(self, outputs: jax.Array, targets: jax.Array) -> jax.Array:
+    """``(N, *extra)`` negative log-likelihood, ignoring the mask."""
+
+  @abc.abstractmethod
+  def _grad(self, outputs: jax.Array, targets: jax.Array) -> jax.Array:
+    """``∂ℓ/∂f`` shaped like ``outputs``, ignoring the mask."""
+
+  @abc.abstractmethod
+  def _sample(
+      self, rng: jax.Array, outputs: jax.Array, num_samples: int
+  ) -> jax.Array:
+    """``(num_samples, *targets_shape)`` draws from ``p(y | f)``."""
+
+  @abc.abstractmethod
+  def _sqrt_fisher(self, outputs: jax.Array) -> jax.Array:
+    """``(N, *extra, K=C, C)``: rows ``s_k`` with ``Σ_k s_k s_kᵀ = Λ_i``."""
+
+  @abc.abstractmethod
+  def _fisher_vp(self, outputs: jax.Array, v: jax.Array) -> jax.Array:
+    """``Λ_i v_i`` shaped like ``outputs``, ignoring the mask."""
+
+  def _mask(self, targets: jax.Array) -> jax.Array | None:
+    """``(N, *extra)`` boolean mask of the terms that count; None: all do."""
+    del targets
+    return None
+
+  # Checks and masking --------------------------------------------------------
+
+  def _term_shape(self, targets: jax.Array) -> tuple[int, ...]:
+    return targets.shape if self._labels else targets.shape[:-1]
+
+  def _masked(self, x: jax.Array, targets: jax.Array, trailing: int
+              ) -> jax.Array:
+    """Zeroes masked terms of ``x`` shaped ``(N, *extra, *trailing_dims)``."""
+    mask = self._mask(targets)
+    if mask is None:
+      return x
+    mask = mask.reshape(mask.shape + (1,) * trailing)
+    return jnp.where(mask, x, jnp.zeros((), x.dtype))
+
+  def _check_outputs(self, outputs: jax.Array) -> jax.Array:
+    outputs = jnp.asarray(outputs)
+    if outputs.ndim < 2:
+      raise ValueError(
+          f"{self.name}: outputs must be shaped (N, ..., C) with at least 2 "
+          f"dims; got shape {outputs.shape}.")
+    if not jnp.issubdtype(outputs.dtype, jnp.floating):
+      raise ValueError(
+          f"{self.name}: outputs must be floating point; got {outputs.dtype}.")
+    return outputs
+
+  def _check_targets(self, targets: jax.Array) -> jax.Array:
+    targets = jnp.asarray(targets)
+    if self._labels:
+      if not jnp.issubdtype(targets.dtype, jnp.integer):
+        raise ValueError(
+            f"{self.name}: targets must be integer class labels shaped "
+            f"(N, ...); got dtype {targets.dtype} with shape {targets.shape}.")
+      if targets.ndim < 1:
+        raise ValueError(
+            f"{self.name}: targets must be labels shaped (N, ...); got a "
+            "scalar.")
+    elif targets.ndim < 2:
+      raise ValueError(
+          f"{self.name}: targets must be shaped (N, ..., C) like the outputs; "
+          f"got shape {targets.shape}.")
+    return targets
+
+  def _check(self, outputs: jax.Array, targets: jax.Array
+             ) -> tuple[jax.Array, jax.Array]:
+    """Validates shapes at trace time; returns ``(outputs, targets)``."""
+    outputs = self._check_outputs(outputs)
+    targets = self._check_targets(targets)
+    want = outputs.shape[:-1] if self._labels else outputs.shape
+    if targets.shape != want:
+      kind = "labels" if self._labels else "targets"
+      raise ValueError(
+          f"{self.name}: targets of shape {targets.shape} do not match outputs "
+          f"of shape {outputs.shape}; expected {kind} of shape {want}.")
+    if not self._labels:
+      targets = targets.astype(outputs.dtype)
+    return outputs, targets
+
+
+def _register(cls):
+  """A final frozen dataclass, and a leafless pytree so it can cross ``jit``."""
+  cls = final(dataclasses.dataclass(frozen=True)(cls))
+  return jax.tree_util.register_static(cls)
+
+
+@_register
+class SoftmaxCrossEntropy(NegativeLogLikelihood):
+  """Categorical negative log-likelihood with integer labels.
+
+  With ``p = softmax(f)``, per term
+
+  .. math::
+
+    ℓ = -\\log p_y, \\qquad g = p - e_y, \\qquad Λ = \\operatorname{diag}(p)
+    - p p^\\top = \\sum_k b_k b_k^\\top, \\quad b_k = \\sqrt{p_k}\\,(e_k - p),
+
+  since ``Σ_k p_k (e_k − p)(e_k − p)ᵀ = diag(p) − ppᵀ`` (``Σ_k p_k = 1``).
+
+  Attributes:
+    ignore_index: labels equal to it are masked out (e.g. padding tokens):
+      they contribute nothing and are not counted in ``M``.
+  """
+
+  ignore_index: int | None = None
+
+  name: ClassVar[str] = "softmax_cross_entropy"
+  _labels: ClassVar[bool] = True
+
+  def _mask(self, targets):
+    if self.ignore_index is None:
+      return None
+    return targets != self.ignore_index
+
+  def _safe_labels(self, targets):
+    # Masked labels (e.g. -100) must not index out of range.
+    mask = self._mask(targets)
+    return targets if mask is None else jnp.where(mask, targets, 0)
+
+  def _nll(self, outputs, targets):
+    log_p = jax.nn.log_softmax(outputs, axis=-1)
+    labels = self._safe_labels(targets)[..., None]
+    return -jnp.take_along_axis(log_p, labels, axis=-1)[..., 0]
+
+  def _grad(self, outputs, targets):
+    p = jax.nn.softmax(outputs, axis=-1)
+    one_hot = jax.nn.one_hot(self._safe_labels(targets), outputs.shape[-1],
+                             dtype=outputs.dtype)
+    return p - one_hot
+
+  def _sample(self, rng, outputs, num_samples):
+    return jax.random.categorical(
+        rng, outputs, axis=-1, shape=(num_samples, *outputs.shape[:-1]))
+
+  def _sqrt_fisher(self, outputs):
+    p = jax.nn.softmax(outputs, axis=-1)
+    eye = jnp.eye(outputs.shape[-1], dtype=outputs.dtype)
+    # Row k: sqrt(p_k) (e_k - p).
+    return jnp.sqrt(p)[..., :, None] * (eye - p[..., None, :])
+
+  def _fisher_vp(self, outputs, v):
+    p = jax.nn.softmax(outputs, axis=-1)
+    return p * v - p * jnp.sum(p * v, axis=-1, keepdims=True)
+
+
+@_register
+class SigmoidBinaryCrossEntropy(NegativeLogLikelihood):
+  """Independent Bernoulli negative log-likelihood, summed over the outputs.
+
+  With ``σ = sigmoid(f)`` and targets ``y ∈ [0, 1]`` (soft targets allowed),
+  per term
+
+  .. math::
+
+    ℓ = -\\sum_c \\big[y_c \\log σ_c + (1 - y_c) \\log(1 - σ_c)\\big], \\qquad
+    g = σ - y, \\qquad Λ = \\operatorname{diag}(σ (1 - σ)),
+
+  with square root ``b_k = \\sqrt{σ_k (1 - σ_k)}\\, e_k``.
+  """
+
+  name: ClassVar[str] = "sigmoid_binary_cross_entropy"
+
+  def _nll(self, outputs, targets):
+    log_p = jax.nn.log_sigmoid(outputs)
+    log_not_p = jax.nn.log_sigmoid(-outputs)
+    return -jnp.sum(targets * log_p + (1 - targets) * log_not_p, axis=-1)
+
+  def _grad(self, outputs, targets):
+    return jax.nn.sigmoid(outputs) - targets
+
+  def _sample(self, rng, outputs, num_samples):
+    p = jax.nn.sigmoid(outputs)
+    draws = jax.random.bernoulli(rng, p, shape=(num_samples, *outputs.shape))
+    return draws.astype(outputs.dtype)
+
+  def _variance(self, outputs):
+    # σ(f) σ(−f) = σ(1 − σ) without cancellation for large |f|.
+    return jax.nn.sigmoid(outputs) * jax.nn.sigmoid(-outputs)
+
+  def _sqrt_fisher(self, outputs):
+    eye = jnp.eye(outputs.shape[-1], dtype=outputs.dtype)
+    return jnp.sqrt(self._variance(outputs))[..., :, None] * eye
+
+  def _fisher_vp(self, outputs, v):
+    return self._variance(outputs) * v
+
+
+@_register
+class SquaredError(NegativeLogLikelihood):
+  """Gaussian negative log-likelihood with unit variance (up to a constant).
+
+  Per term
+
+  .. math::
+
+    ℓ = \\tfrac12 \\lVert y - f \\rVert^2, \\qquad g = f - y, \\qquad Λ = I,
+
+  with square root ``b_k = e_k``; targets are drawn as ``f + N(0, I)``.
+  """
+
+  name: ClassVar[str] = "squared_error"
+
+  def _nll(self, outputs, targets):
+    return 0.5 * jnp.sum(jnp.square(targets - outputs), axis=-1)
+
+  def _grad(self, outputs, targets):
+    return outputs - targets
+
+  def _sample(self, rng, outputs, num_samples):
+    noise = jax.random.normal(rng, (num_samples, *outputs.shape), outputs.dtype)
+    return outputs + noise
+
+  def _sqrt_fisher(self, outputs):
+    eye = jnp.eye(outputs.shape[-1], dtype=outputs.dtype)
+    return jnp.broadcast_to(eye, outputs.shape + outputs.shape[-1:])
+
+  def _fisher_vp(self, outputs, v):
+    del outputs
+    return v
+
+
+softmax_cross_entropy = SoftmaxCrossEntropy()
+sigmoid_binary_cross_entropy = SigmoidBinaryCrossEntropy()
+squared_error = SquaredError()
