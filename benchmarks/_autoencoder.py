@@ -1,0 +1,91 @@
+"""The deep sigmoid autoencoder problem shared by the autoencoder benchmarks.
+
+Data: scikit-learn's bundled 8x8 digits (``load_digits``: 1,797 images, no
+download), pixels divided by 16 so they lie in [0, 1], float32.
+
+Model: a Flax linen MLP 64-256-128-32-128-256-64. Hidden layers use the
+logistic sigmoid, the 32-unit code layer is *linear*, and the last layer
+returns logits. A linear code layer is the classic choice of Hinton &
+Salakhutdinov (2006), whose deep autoencoders Martens (2010) and Martens &
+Grosse (2015, K-FAC) benchmark on: every hidden layer is logistic except the
+code layer, which is linear.
+
+Loss: sigmoid binary cross-entropy of the logits against the input pixels,
+*summed* over the 64 pixels and *averaged* over the batch (the negative
+log-likelihood of a multi-Bernoulli output distribution). At initialisation
+the network quickly learns the mean image and sits on a plateau at a loss of
+about 27; getting off it is what distinguishes the optimizers.
+
+Minibatches: 256 images, drawn without replacement from a permutation of the
+dataset that is reshuffled every epoch with a seeded generator (the last,
+short slice of each epoch is dropped so every batch has 256 rows). Every
+optimizer sees the same batch sequence for a given seed.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BATCH_SIZE = 256
+WIDTHS = (256, 128, 32, 128, 256)   # hidden widths; the output has 64 units
+CODE_LAYER = 2                      # index in WIDTHS of the linear code layer
+
+
+def load_digits_01() -> np.ndarray:
+  """The 1,797 digits as a float32 array of shape (1797, 64) in [0, 1]."""
+  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+  return (load_digits().data / 16.0).astype(np.float32)
+
+
+class Autoencoder(nn.Module):
+  """64-256-128-32-128-256-64; sigmoid hidden layers, linear code, logits."""
+  widths: tuple[int, ...] = WIDTHS
+  code_layer: int = CODE_LAYER
+  out_dim: int = 64
+
+  @nn.compact
+  def __call__(self, x):
+    for i, width in enumerate(self.widths):
+      x = nn.Dense(width)(x)
+      if i != self.code_layer:
+        x = jax.nn.sigmoid(x)
+    return nn.Dense(self.out_dim)(x)   # logits
+
+
+def sigmoid_bce(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Binary cross-entropy with logits: sum over pixels, mean over the batch."""
+  per_pixel = (jax.nn.softplus(logits) - targets * logits)
+  return jnp.mean(jnp.sum(per_pixel, axis=-1))
+
+
+def init_params(seed: int, model: Autoencoder | None = None):
+  model = model or Autoencoder()
+  x = jnp.zeros((1, 64), jnp.float32)
+  return model.init(jax.random.key(seed), x)["params"]
+
+
+def batches(data: np.ndarray, steps: int, seed: int,
+            batch_size: int = BATCH_SIZE) -> np.ndarray:
+  """``steps`` minibatches as one array (steps, batch_size, 64).
+
+  Each epoch is a fresh permutation from ``np.random.default_rng(seed)``; the
+  short remainder of an epoch is dropped.
+  """
+  rng = np.random.default_rng(seed)
+  per_epoch = len(data) // batch_size
+  out = []
+  while len(out) < steps:
+    perm = rng.permutation(len(data))
+    for b in range(per_epoch):
+      out.append(data[perm[b * batch_size:(b + 1) * batch_size]])
+      if len(out) == steps:
+        break
+  return np.stack(out)
+
+
+def full_loss(model: Autoencoder, params, data) -> float:
+  """Training loss on the whole dataset (all 1,797 images)."""
+  return float(sigmoid_bce(model.apply({"params": params}, data), data))
