@@ -162,7 +162,8 @@ def value_grad_and_tape_from_run(
     if fisher == "mc":
       draws = loss.sample_targets(rng, out, samples)
       cot = jax.vmap(lambda t: loss.output_grad(out, t))(draws)
-      cot = cot * (scale / jnp.sqrt(samples))
+      # Drawn targets are never the ignore value: mask the terms here.
+      cot = cot * (loss.mask(y)[None, ..., None] * scale / jnp.sqrt(samples))
     else:
       cot = loss.fisher_sqrt(out, y) * scale
     fisher_grads = jax.vmap(lambda c: pullback(c.astype(out.dtype))[1])(cot)
