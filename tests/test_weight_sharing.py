@@ -253,3 +253,18 @@ def test_bad_input_is_named():
     kronjax.flax.value_grad_and_tape(
         Nested(), losses.softmax_cross_entropy, fisher="exact")(
             params, x, jnp.array([7, 4]))
+
+
+def test_masked_tokens_monte_carlo_converges_to_exact():
+  x = _x((3, 4, 5))
+  y = jnp.array([[0, 1, -1, 2], [2, -1, -1, 0], [1, 1, 0, -1]])
+  loss = losses.SoftmaxCrossEntropy(ignore_index=-1)
+  params = _init(TokenMLP(), x)
+  exact = kronjax.flax.value_grad_and_tape(TokenMLP(), loss, fisher="exact")
+  mc = kronjax.flax.value_grad_and_tape(TokenMLP(), loss, fisher="mc",
+                                        samples=20_000)
+  want = kronjax.fisher_blocks(exact(params, x, y)[2])
+  got = kronjax.fisher_blocks(jax.jit(mc)(params, x, y, jax.random.key(0))[2])
+  for path in want:
+    g_want, g_got = want[path].factors[1], got[path].factors[1]
+    assert jnp.abs(g_got - g_want).max() < 0.05 * jnp.abs(g_want).max(), path
