@@ -38,6 +38,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
+from kronjax._paths import tree_paths
 from kronjax.linalg import Kron
 from kronjax.tape import LayerPath, LayerTape, Tape
 
@@ -113,19 +114,15 @@ def uncovered_parameters(params: Any, layers) -> list[tuple[str, ...]]:
   optimizer through ``optax.partition``.
 
   Args:
-    params: the parameter tree (nested dicts).
+    params: the parameter tree: nested dicts (linen), an ``nnx.State`` or any
+      pytree (see ``kronjax._paths``).
     layers: the tapped layer paths: a tape, a dict of blocks, or any iterable of
       paths.
 
   Returns:
-    The paths (tuples of keys) of the uncovered parameter arrays, in tree order.
+    The paths (tuples of keys; list indices as ints) of the uncovered
+    parameter arrays, in tree order.
   """
   covered = set(layers)
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  out = []
-  for key_path, _ in flat:
-    path = tuple(getattr(k, "key", getattr(k, "name", str(k)))
-                 for k in key_path)
-    if not (path[:-1] in covered and path[-1] in LAYER_PARAMS):
-      out.append(path)
-  return out
+  return [path for path, _ in tree_paths(params)
+          if not (path[:-1] in covered and path[-1] in LAYER_PARAMS)]

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-LayerPath = tuple[str, ...]
+LayerPath = tuple[str | int, ...]  # module names; list indices (NNX, pure JAX) are ints
 
 
 @jax.tree_util.register_dataclass
