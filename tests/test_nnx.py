@@ -1,0 +1,300 @@
+"""Flax NNX models: tapes, exact Fisher blocks, and agreement with linen and JAX.
+
+The NNX networks below name their layers as linen does (``Dense_0``, ...), so
+one set of linen-initialised float64 weights runs all three versions of a
+network (linen, NNX, pure JAX through ``kronjax.nn``), which must then give
+identical losses, gradients and blocks.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import kronjax
+from kronjax import losses
+from kronjax.flax import _nnx
+from test_flax_tape import (LOSSES, _dense_kron, _get, _init, _targets, _wbar,
+                            GeneralNet)
+from test_pure_jax import (EXACT_CASES, LinenConv, LinenEmbed, LinenMLP,
+                           covering_conv, embed_net, exact_block, mlp)
+
+F64 = jnp.float64
+
+
+def _kw(rngs):
+  return dict(rngs=rngs, param_dtype=F64)
+
+
+class MLP(nnx.Module):
+  def __init__(self, rngs):
+    self.Dense_0 = nnx.Linear(6, 5, **_kw(rngs))
+    self.Dense_1 = nnx.Linear(5, 4, use_bias=False, **_kw(rngs))
+    self.Dense_2 = nnx.Linear(4, 3, **_kw(rngs))
+
+  def __call__(self, x):
+    x = jnp.tanh(self.Dense_0(x))
+    return self.Dense_2(jnp.tanh(self.Dense_1(x)))
+
+
+class CoveringConv(nnx.Module):
+  def __init__(self, rngs):
+    self.Conv_0 = nnx.Conv(2, 4, (3, 3), padding="VALID", **_kw(rngs))
+    self.Dense_0 = nnx.Linear(4, 3, **_kw(rngs))
+
+  def __call__(self, x):
+    h = jnp.tanh(self.Conv_0(x))
+    return self.Dense_0(h.reshape(h.shape[0], -1))
+
+
+class EmbedNet(nnx.Module):
+  def __init__(self, rngs):
+    self.Embed_0 = nnx.Embed(7, 4, **_kw(rngs))
+    self.Dense_0 = nnx.Linear(4, 3, **_kw(rngs))
+
+  def __call__(self, ids):
+    return self.Dense_0(jnp.tanh(self.Embed_0(ids)))
+
+
+class General(nnx.Module):
+  def __init__(self, rngs):
+    self.DenseGeneral_0 = nnx.LinearGeneral((3, 4), (2, 3), axis=(-2, -1),
+                                            **_kw(rngs))
+    self.Dense_0 = nnx.Linear(6, 3, **_kw(rngs))
+
+  def __call__(self, x):
+    h = self.DenseGeneral_0(x)
+    return self.Dense_0(jnp.tanh(h.reshape(h.shape[0], -1)))
+
+
+# name: (NNX class, linen twin, pure-JAX twin or None, example inputs)
+NETS = {
+    "mlp": (MLP, LinenMLP(), mlp, lambda k, n=1: jax.random.normal(
+        k, (n, 6), F64)),
+    "conv": (CoveringConv, LinenConv(), covering_conv,
+             lambda k, n=1: jax.random.normal(k, (n, 3, 3, 2), F64)),
+    "embed": (EmbedNet, LinenEmbed(), embed_net,
+              lambda k, n=1: jax.random.randint(k, (n,), 0, 7)),
+    "general": (General, GeneralNet(), None,
+                lambda k, n=1: jax.random.normal(k, (n, 3, 4), F64)),
+}
+
+
+def _nnx_model(cls, params):
+  """An NNX model holding the given (linen-shaped) parameter dict."""
+  graphdef, _, rest = nnx.split(cls(nnx.Rngs(0)), nnx.Param, ...)
+  return nnx.merge(graphdef, nnx.State(params), rest)
+
+
+def _nnx_apply(cls, params):
+  graphdef, _, rest = nnx.split(_nnx_model(cls, params), nnx.Param, ...)
+  return lambda p, x: nnx.merge(graphdef, nnx.State(p), rest)(x)
+
+
+@pytest.mark.parametrize("net,loss_name", EXACT_CASES)
+def test_one_example_exact_blocks_equal_exact_fisher(net, loss_name):
+  cls, twin, _, make_x = NETS[net]
+  loss = LOSSES[loss_name]
+  x = make_x(jax.random.key(1))
+  y = _targets(loss_name, jax.random.key(2), 1, 3)
+  params = _init(twin, x)
+  model = _nnx_model(cls, params)
+  _, _, tape = kronjax.flax.value_grad_and_tape(model, loss, fisher="exact")(
+      model, x, y)
+  blocks = kronjax.fisher_blocks(tape)
+  assert set(blocks) == {(name,) for name in params}
+  apply = _nnx_apply(cls, params)
+  for path, block in blocks.items():
+    want = exact_block(apply, params, x, y, loss, path)
+    np.testing.assert_allclose(_dense_kron(block), want, atol=1e-12,
+                               err_msg=str(path))
+
+
+@pytest.mark.parametrize("net", ["mlp", "conv", "embed"])
+def test_linen_nnx_and_pure_jax_give_identical_tapes(net):
+  cls, twin, pure, make_x = NETS[net]
+  x = make_x(jax.random.key(1), 4)
+  y = jax.random.randint(jax.random.key(2), (4,), 0, 3)
+  params = _init(twin, x)
+  model = _nnx_model(cls, params)
+  loss, rng = losses.softmax_cross_entropy, jax.random.key(3)
+  results = [
+      kronjax.flax.value_grad_and_tape(twin, loss, samples=3)(
+          params, x, y, rng),
+      kronjax.flax.value_grad_and_tape(model, loss, samples=3)(
+          model, x, y, rng),
+      kronjax.nn.value_grad_and_tape(pure, loss, samples=3)(
+          params, x, y, rng)]
+  grads = [jax.tree.map(np.asarray, nnx.to_pure_dict(g) if
+                        isinstance(g, nnx.State) else g)
+           for _, g, _ in results]
+  blocks = [kronjax.fisher_blocks(t) for _, _, t in results]
+  for value, _, _ in results[1:]:
+    np.testing.assert_allclose(value, results[0][0], rtol=1e-13)
+  for g, b in zip(grads[1:], blocks[1:]):
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-13),
+                 g, grads[0])
+    assert set(b) == set(blocks[0])
+    for path in b:
+      for u, v in zip(b[path].factors, blocks[0][path].factors):
+        np.testing.assert_allclose(u, v, atol=1e-13, err_msg=str(path))
+
+
+class Shared(nnx.Module):
+  """A list of layers, a module shared by two attributes, a LayerNorm.
+
+  NNX stores a shared module's parameters under one of its paths (the first in
+  its sorted traversal: here "encoder", not "reused"); its tape uses the same.
+  """
+
+  def __init__(self, rngs):
+    self.layers = nnx.List([nnx.Linear(5, 5, **_kw(rngs)),
+                            nnx.LinearGeneral(3, 4, axis=1, **_kw(rngs))])
+    self.encoder = nnx.Linear(5, 5, use_bias=False, **_kw(rngs))
+    self.reused = self.encoder
+    self.norm = nnx.LayerNorm(4, **_kw(rngs))
+
+  def __call__(self, x):                           # x: (N, 3, 5)
+    h = jnp.tanh(self.layers[0](x))
+    h = jnp.tanh(self.reused(self.encoder(h)))
+    h = self.layers[1](h)                          # contracts axis 1: (N, 5, 4)
+    return self.norm(h).mean(axis=1)
+
+
+class Convs(nnx.Module):
+  def __init__(self, rngs, **conv_kwargs):
+    self.conv = nnx.Conv(2, 3, (2, 3), **conv_kwargs, **_kw(rngs))
+    self.embed = nnx.Embed(9, 2, **_kw(rngs))
+
+  def __call__(self, x):                           # x: (N, H, W) ids
+    h = jnp.tanh(self.conv(self.embed(x)))
+    return h.reshape(h.shape[0], -1)[:, :4]
+
+
+MODELS = {
+    "shared": (lambda r: Shared(r), lambda k: jax.random.normal(
+        k, (3, 3, 5), F64)),
+    "conv_circular_strided": (
+        lambda r: Convs(r, padding="CIRCULAR", strides=(2, 1)),
+        lambda k: jax.random.randint(k, (3, 5, 6), 0, 9)),
+    "conv_explicit_dilated": (
+        lambda r: Convs(r, padding=((1, 0), (2, 1)), kernel_dilation=(1, 2)),
+        lambda k: jax.random.randint(k, (3, 4, 6), 0, 9)),
+}
+
+
+def _check_tape_is_gradient(grads, tape, n):
+  for path, t in tape.items():
+    if t.kind == "embed":
+      a = jax.nn.one_hot(t.inputs, t.num_embeddings, dtype=F64)
+    else:
+      a = t.inputs
+      if t.has_bias:
+        a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,))], axis=-1)
+    got = jnp.einsum("nti,ntj->ij", a, t.output_grads[0]) / n
+    np.testing.assert_allclose(got, _wbar(_get(grads, path)), atol=1e-12,
+                               err_msg=str(path))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_tape_reproduces_the_gradient_under_nnx_jit(name):
+  make, make_x = MODELS[name]
+  model, x = make(nnx.Rngs(0)), make_x(jax.random.key(1))
+  y = jax.random.normal(jax.random.key(2), (x.shape[0], 4), F64)
+  step = kronjax.flax.value_grad_and_tape(model, losses.squared_error,
+                                          fisher="empirical")
+  value, grads, tape = nnx.jit(step)(model, x, y)
+  want_value, want = nnx.value_and_grad(
+      lambda m: losses.squared_error(m(x), y))(model)
+  np.testing.assert_allclose(value, want_value, rtol=1e-12)
+  assert jax.tree.structure(grads) == jax.tree.structure(want)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-12),
+               grads, want)
+  _check_tape_is_gradient(nnx.to_pure_dict(grads), tape, x.shape[0])
+  if name == "shared":
+    assert set(tape) == {("layers", 0), ("layers", 1), ("encoder",)}
+    assert tape[("encoder",)].inputs.shape == (3, 6, 5)  # 2 calls x 3 tokens
+
+
+def test_jax_jit_with_split_and_merge():
+  model = Shared(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 3, 5), F64)
+  y = jax.random.normal(jax.random.key(2), (2, 4), F64)
+  step = kronjax.flax.value_grad_and_tape(model, losses.squared_error)
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def train_step(state, x, y, rng):
+    return step(nnx.merge(graphdef, state), x, y, rng)
+
+  _, grads, tape = train_step(state, x, y, jax.random.key(0))
+  _, grads2, tape2 = step(model, x, y, jax.random.key(0))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-12),
+               (grads, tape), (grads2, tape2))
+
+
+def test_layers_filter_uncovered_parameters_and_errors():
+  model = Shared(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 3, 5), F64)
+  y = jax.random.normal(jax.random.key(2), (2, 4), F64)
+  sq = losses.squared_error
+  step = kronjax.flax.value_grad_and_tape(
+      model, sq, fisher="exact", layers=["layers/1", ("encoder",)])
+  with pytest.raises(ValueError, match=r"\('layers', '1'\).*never called"):
+    step(model, x, y)  # "/"-strings are names: list indices need tuples
+  step = kronjax.flax.value_grad_and_tape(
+      model, sq, fisher="exact", layers=[("layers", 1), ("encoder",)])
+  _, grads, tape = step(model, x, y)
+  assert set(tape) == {("layers", 1), ("encoder",)}
+  assert kronjax.uncovered_parameters(grads, tape) == [
+      ("layers", 0, "bias"), ("layers", 0, "kernel"), ("norm", "bias"),
+      ("norm", "scale")]
+  assert kronjax.uncovered_parameters(nnx.state(model, nnx.Param), tape) == (
+      kronjax.uncovered_parameters(grads, tape))
+  with pytest.raises(ValueError, match=r"\('norm',\), a nnx.LayerNorm"):
+    kronjax.flax.value_grad_and_tape(model, sq, fisher="exact",
+                                     layers=["norm"])(model, x, y)
+  with pytest.raises(TypeError, match="takes the NNX module"):
+    step(nnx.state(model), x, y)
+
+
+class Boom(nnx.Module):
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(1, 2, (2,), **_kw(rngs))
+    self.dense = nnx.Linear(2, 2, **_kw(rngs))
+
+  def __call__(self, x):
+    self.dense(self.conv(x).mean(axis=1))
+    raise RuntimeError("boom inside the model")
+
+
+def test_layer_classes_are_restored_after_an_exception():
+  originals = {cls: cls.__dict__["__call__"] for cls in _nnx.TAPPED_CLASSES}
+  model = Boom(nnx.Rngs(0))
+  x = jnp.ones((2, 3, 1), F64)
+  step = kronjax.flax.value_grad_and_tape(model, losses.squared_error)
+  with pytest.raises(RuntimeError, match="boom inside the model"):
+    step(model, x, x[:, 0, :], jax.random.key(0))
+  for cls, original in originals.items():
+    assert cls.__dict__["__call__"] is original, cls
+  # Inside a tapped run the classes are patched; outside, plain calls work.
+  seen = []
+
+  class Spy(nnx.Module):
+    def __init__(self, rngs):
+      self.dense = nnx.Linear(2, 2, **_kw(rngs))
+
+    def __call__(self, x):
+      seen.append(type(self.dense).__dict__["__call__"] is
+                  originals[nnx.Linear])
+      return self.dense(x)
+
+  spy = Spy(nnx.Rngs(0))
+  kronjax.flax.value_grad_and_tape(spy, losses.squared_error, "exact")(
+      spy, x[:, 0].repeat(2, 1), x[:, 0].repeat(2, 1))
+  assert seen and not any(seen)
+  assert nnx.Linear.__dict__["__call__"] is originals[nnx.Linear]
+  np.testing.assert_allclose(spy(jnp.ones((1, 2), F64)),
+                             spy.dense(jnp.ones((1, 2), F64)))
