@@ -1,1 +1,37 @@
-"""kronjax: Kronecker factorization in JAX (filled in as modules land)."""
+"""kronjax: Kronecker factorization in JAX.
+
+K-FAC natural-gradient training as an optax transformation, Kronecker-factored
+Fisher blocks from per-layer tapes of Flax models, and Kronecker linear algebra.
+"""
+
+from importlib import metadata as _metadata
+
+from kronjax import linalg as linalg
+from kronjax import losses as losses
+from kronjax.blocks import fisher_blocks as fisher_blocks
+from kronjax.blocks import layer_block as layer_block
+from kronjax.blocks import uncovered_parameters as uncovered_parameters
+from kronjax.tape import LayerTape as LayerTape
+
+try:
+  __version__ = _metadata.version("kronjax")
+except _metadata.PackageNotFoundError:  # running from a source tree
+  __version__ = "0.0.0"
+
+__all__ = [
+    "LayerTape",
+    "fisher_blocks",
+    "flax",
+    "layer_block",
+    "linalg",
+    "losses",
+    "uncovered_parameters",
+]
+
+
+def __getattr__(name):
+  # The Flax adapters load on first use: the core never imports Flax.
+  if name == "flax":
+    import importlib
+    return importlib.import_module("kronjax.flax")
+  raise AttributeError(f"module 'kronjax' has no attribute {name!r}")
