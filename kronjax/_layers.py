@@ -71,7 +71,7 @@ class Recorder:
       out_axes: how many trailing output axes are features (``d_out`` is
         their product).
     """
-    self._check_trace(path)
+    self.check_trace(f"Layer {path}")
     calls = self.inputs.setdefault(path, [])
     calls.append(inputs)
     shapes = self.metas[path].output_shapes if path in self.metas else ()
@@ -83,11 +83,16 @@ class Recorder:
       return out
     return out + self.perturbations[path][len(calls) - 1]
 
-  def _check_trace(self, path: LayerPath) -> None:
+  def nested(self) -> bool:
+    """Whether the caller runs under a transformation inside the model."""
     here = jax.extend.core.get_opaque_trace_state(convention="kronjax")
-    if here != self._trace:
+    return here != self._trace
+
+  def check_trace(self, what: str) -> None:
+    """Raises if ``what`` (a layer) runs under a transformation in the model."""
+    if self.nested():
       raise ValueError(
-          f"Layer {path} is called inside a JAX transformation nested in the "
+          f"{what} is called inside a JAX transformation nested in the "
           "model (nn.scan, nn.vmap, nn.remat, nnx.scan, nnx.vmap, nnx.remat, "
           "jax.lax.scan, jax.vmap, jax.checkpoint, ...). The tape cannot "
           "see the layer's inputs there: they never leave the transformation. "

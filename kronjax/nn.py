@@ -23,7 +23,11 @@ kernel's path in ``params`` without its last key, so
 ``params["blocks"][0]["kernel"]`` is layer ``("blocks", 0)``. The bias, if any,
 must live beside the kernel. Name the arrays ``kernel``, ``bias`` and
 ``embedding`` so that ``kronjax.uncovered_parameters`` and the optimizer
-recognise them. Kernels are ``(*in_dims, d_out)`` as in Flax.
+recognise them. Kernels are ``(*in_dims, d_out)`` as in Flax. A layer given
+a kernel with no path (a transformed copy, or params passed into a
+``jax.checkpoint``/``lax.scan``/``vmap`` inside ``apply``) raises a
+``ValueError`` when every layer is tapped, and is left untapped when
+``layers=`` names the layers to tap.
 
 Equinox-style models (params are a module pytree) work the same way: call the
 layers on the module's own arrays, e.g. ``kronjax.nn.dense(x, layer.kernel,
@@ -178,7 +182,12 @@ def _record(name: str, kernel, bias, inputs: Callable[[], jax.Array], out, *,
     return out
   rec, paths = active
   kernel_path = paths.get(id(kernel))
+  if kernel_path is None and rec.layers is not None:
+    return out  # no path, so not one of the layers asked for
   if kernel_path is None:
+    # Transformations inside apply_fn (jax.checkpoint, lax.scan, vmap) pass
+    # params in as new arrays: say that rather than "not a parameter".
+    rec.check_trace(f"A {name} layer (kernel of shape {kernel.shape})")
     raise ValueError(
         f"{name} was given a kernel of shape {kernel.shape} that is not an "
         "array of the params being tapped, so its layer has no path. Pass "

@@ -45,7 +45,8 @@ def value_grad_and_tape(
   ``nn.vmap``, ``nn.remat``, ``nnx.scan``, ``jax.checkpoint``, ...) cannot be
   tapped, since their inputs never leave that transformation: the call raises
   a ``ValueError`` naming the layer. Unroll such layers for the tapped step, or
-  leave them out with ``layers=``.
+  leave them out with ``layers=`` (NNX transforms run copies of the modules,
+  which have no path: with ``layers=`` given they are simply not tapped).
 
   Args:
     model: a linen ``nn.Module`` or an NNX ``nnx.Module``, returning outputs

@@ -93,6 +93,10 @@ def _tapping_call(original: Callable[..., Any]) -> Callable[..., Any]:
       return original(module, *args, **kwargs)
     rec, paths = active
     path = paths.get(id(module))
+    if path is None and rec.layers is None:
+      # NNX transforms (nnx.scan, nnx.vmap, nnx.remat) run copies of the
+      # modules, which have no path here: refuse rather than skip silently.
+      rec.check_trace(f"An nnx.{type(module).__name__} layer")
     if path is None or not rec.wants(path, "nnx." + type(module).__name__):
       return original(module, *args, **kwargs)
     return _tap(rec, path, module, original, args, kwargs)
