@@ -83,7 +83,9 @@ FISHER_MODES = ("mc", "empirical", "exact")
 # outputs; for every tapped layer it adds ``perturbations[path][call]`` (zeros)
 # to the layer's output and returns the layer's inputs in tape layout, plus the
 # static metadata it saw. With ``perturbations=None`` it adds nothing (used once,
-# abstractly, to learn the output shapes).
+# abstractly, to learn the output shapes). A run may return a fourth item, the
+# model's non-parameter state after the pass (NNX batch statistics, RNG counts),
+# which ``value_grad_and_tape_from_run(..., return_state=True)`` hands back.
 Run = Callable[[Any, "dict[LayerPath, list[jax.Array]] | None"],
                tuple[jax.Array, "dict[LayerPath, list[jax.Array]]",
                      "dict[LayerPath, LayerMeta]"]]
@@ -101,8 +103,9 @@ def check_fisher_mode(fisher: str, samples: int) -> None:
 
 
 def value_grad_and_tape_from_run(
-    run: Run, loss, fisher: str, samples: int, params, y, rng
-) -> tuple[jax.Array, Any, Tape]:
+    run: Run, loss, fisher: str, samples: int, params, y, rng,
+    return_state: bool = False,
+) -> tuple[jax.Array, Any, Tape] | tuple[jax.Array, Any, Tape, Any]:
   """Loss, gradients and tapes from one forward pass and two backward passes.
 
   The forward pass is linearised once (``jax.vjp``); the loss gradient and the
@@ -116,14 +119,16 @@ def value_grad_and_tape_from_run(
     params: the parameters that ``run`` differentiates.
     y: the batch's targets, leading axis the batch.
     rng: a PRNG key (required for ``"mc"``).
+    return_state: also return the fourth item of ``run``'s result from the
+      linearised pass.
 
   Returns:
-    ``(loss_value, grads, tape)``.
+    ``(loss_value, grads, tape)``, plus the run's state if ``return_state``.
   """
   metas: dict[LayerPath, LayerMeta] = {}
 
   def discover(p):
-    out, _, seen = run(p, None)
+    out, _, seen = run(p, None)[:3]
     metas.update(seen)
     return out
 
@@ -144,8 +149,12 @@ def value_grad_and_tape_from_run(
 
   perts = {path: [jnp.zeros(s.shape, s.dtype) for s in m.output_shapes]
            for path, m in metas.items()}
-  forward = lambda p, e: run(p, e)[:2]
-  out, pullback, inputs = jax.vjp(forward, params, perts, has_aux=True)
+  def forward(p, e):
+    result = run(p, e)
+    return result[0], (result[1], result[3] if return_state else None)
+
+  out, pullback, (inputs, state) = jax.vjp(forward, params, perts,
+                                           has_aux=True)
 
   num_terms = loss.num_terms(y)
   per_term_grad = loss.output_grad(out, y)
@@ -169,6 +178,8 @@ def value_grad_and_tape_from_run(
     fisher_grads = jax.vmap(lambda c: pullback(c.astype(out.dtype))[1])(cot)
   tape = {path: _layer_tape(metas[path], inputs[path], fisher_grads[path], n)
           for path in metas}
+  if return_state:
+    return loss_value, grads, tape, state
   return loss_value, grads, tape
 
 

@@ -284,3 +284,34 @@ def test_layer_classes_are_restored_after_an_exception():
   assert nnx.Linear.__dict__["__call__"] is originals[nnx.Linear]
   np.testing.assert_allclose(spy(jnp.ones((1, 2), F64)),
                              spy.dense(jnp.ones((1, 2), F64)))
+
+
+class Stateful(nnx.Module):
+  """float32, like most NNX models (BatchNorm keeps float32 statistics)."""
+
+  def __init__(self, rngs):
+    self.dense = nnx.Linear(3, 4, rngs=rngs)
+    self.norm = nnx.BatchNorm(4, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.head = nnx.Linear(4, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(self.drop(self.norm(self.dense(x))))
+
+
+def test_batch_statistics_and_rng_counts_advance_as_with_value_and_grad():
+  x = jax.random.normal(jax.random.key(0), (8, 3), jnp.float32)
+  y = jax.random.normal(jax.random.key(1), (8, 2), jnp.float32)
+  model, twin = Stateful(nnx.Rngs(0)), Stateful(nnx.Rngs(0))
+  step = nnx.jit(kronjax.flax.value_grad_and_tape(
+      model, losses.squared_error, fisher="empirical"))
+  value, grads, _ = step(model, x, y)
+  want, want_grads = nnx.value_and_grad(
+      lambda m: losses.squared_error(m(x), y))(twin)
+  np.testing.assert_allclose(value, want, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               (grads, nnx.state(model, nnx.BatchStat)),
+               (want_grads, nnx.state(twin, nnx.BatchStat)))
+  assert float(jnp.abs(model.norm.mean[...]).max()) > 0
+  assert int(model.drop.rngs.count[...]) == int(twin.drop.rngs.count[...]) == 1
+  assert float(step(model, x, y)[0]) != float(value)  # a new dropout mask

@@ -66,12 +66,14 @@ def value_grad_and_tape(
     ``params = variables["params"]``; ``apply_kwargs`` go to ``model.apply``.
     For NNX, ``fn(model, x, y, rng=None, **call_kwargs)`` taking the module
     itself (it is not changed); ``call_kwargs`` go to ``model(x, ...)``, and
-    ``grads`` is an ``nnx.State`` of the ``nnx.Param``s, as from ``nnx.grad``.
+    ``grads`` is an ``nnx.State`` of the ``nnx.Param``s, as from ``nnx.grad``;
+    the model's other state (batch statistics, RNG counts) is updated in place
+    as ``nnx.value_and_grad`` would (use ``nnx.jit``, or split and merge
+    around ``jax.jit``, to keep the update).
     Either returns the mean loss, its gradients and ``{layer_path: LayerTape}``,
     ready for ``kronjax.fisher_blocks``. NNX layer paths are the modules'
     paths in the state, e.g. ``("layers", 0)`` for
-    ``state["layers"][0]["kernel"]``. Non-parameter NNX state (batch
-    statistics, RNG counters) is read but not written back.
+    ``state["layers"][0]["kernel"]``.
 
   Example::
 
@@ -91,8 +93,11 @@ def value_grad_and_tape(
       _check_batch(x, y)
       graphdef, params, rest = split_params(module)
       run = nnx_run(graphdef, rest, x, wanted, **call_kwargs)
-      return value_grad_and_tape_from_run(run, loss, fisher, samples, params,
-                                          y, rng)
+      value, grads, tape, new_rest = value_grad_and_tape_from_run(
+          run, loss, fisher, samples, params, y, rng, return_state=True)
+      # Like nnx.value_and_grad: batch statistics and RNG counts advance.
+      nnx.update(module, new_rest)
+      return value, grads, tape
 
     return nnx_fn
   if not isinstance(model, nn.Module):

@@ -146,8 +146,14 @@ def nnx_run(graphdef, rest, x, layers: Collection[LayerPath] | None,
 
   ``params`` is the model's ``nnx.Param`` state; ``graphdef`` and ``rest`` (the
   other state) come from ``nnx.split(model, nnx.Param, ...)``. Each run merges a
-  fresh copy of the model, so the caller's model is never changed.
+  fresh copy of the model and returns, as its fourth item, that copy's
+  non-parameter state after the pass (batch statistics, RNG counts), for the
+  caller to write back.
   """
+
+  # As arrays, so that each run makes its own Variables: NNX refuses to
+  # mutate (batch statistics, RNG counts) Variables made in another trace.
+  rest = nnx.as_pure(rest)
 
   def run(params, perturbations):
     model = nnx.merge(graphdef, params, rest)
@@ -162,7 +168,7 @@ def nnx_run(graphdef, rest, x, layers: Collection[LayerPath] | None,
     with tapped_calls(rec, paths):
       out = model(x, **call_kwargs)
     rec.check_layers("its layer paths", _KINDS)
-    return out, rec.inputs, rec.metas
+    return out, rec.inputs, rec.metas, nnx.split(model, nnx.Param, ...)[2]
 
   return run
 
