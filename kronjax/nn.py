@@ -209,7 +209,8 @@ def _record(name: str, kernel, bias, inputs: Callable[[], jax.Array], out, *,
 
 @contextlib.contextmanager
 def _tapping(rec: Recorder, params) -> Iterator[None]:
-  paths = {id(leaf): path for path, leaf in _paths.tree_paths(params)}
+  paths = {id(_paths.leaf_value(leaf)): path
+           for path, leaf in _paths.tree_paths(params)}
   token = _ACTIVE.set((rec, paths))
   try:
     yield
