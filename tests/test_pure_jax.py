@@ -7,6 +7,8 @@ names, so linen-initialised params fit them and ``test_nnx`` can compare the
 three frameworks on one set of weights.
 """
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -286,3 +288,47 @@ def test_transformed_kernels_and_misplaced_biases_are_named():
   with pytest.raises(ValueError, match=r"\('c',\).*never called.*\('a',\)"):
     knn.value_grad_and_tape(plain, sq, fisher="exact", layers=["c"])(
         p2, x, x)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Linear:
+  """An equinox-style layer: a pytree that is its own parameters."""
+
+  kernel: jax.Array
+  bias: jax.Array
+
+  def __call__(self, x):
+    return knn.dense(x, self.kernel, self.bias)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Net:
+  layers: list
+  scale: jax.Array
+
+  def __call__(self, x):
+    for layer in self.layers[:-1]:
+      x = jnp.tanh(layer(x))
+    return self.layers[-1](x) * self.scale
+
+
+def test_module_pytrees_like_equinox():
+  keys = jax.random.split(jax.random.key(0), 2)
+  net = Net([Linear(jax.random.normal(keys[0], (4, 5), F64), jnp.zeros(5)),
+             Linear(jax.random.normal(keys[1], (5, 3), F64), jnp.ones(3))],
+            jnp.ones(3, F64))
+  x = jax.random.normal(jax.random.key(1), (6, 4), F64)
+  y = jax.random.normal(jax.random.key(2), (6, 3), F64)
+  step = knn.value_grad_and_tape(lambda m, x: m(x), losses.squared_error,
+                                 fisher="empirical")
+  _, grads, tape = step(net, x, y)
+  assert isinstance(grads, Net) and set(tape) == {("layers", 0), ("layers", 1)}
+  for (_, i), t in tape.items():
+    a = jnp.concatenate([t.inputs, jnp.ones(t.inputs.shape[:-1] + (1,))], -1)
+    got = jnp.einsum("nti,ntj->ij", a, t.output_grads[0]) / x.shape[0]
+    layer = grads.layers[i]
+    np.testing.assert_allclose(
+        got, jnp.concatenate([layer.kernel, layer.bias[None]]), atol=1e-12)
+  assert kronjax.uncovered_parameters(net, tape) == [("scale",)]
