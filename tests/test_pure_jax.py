@@ -140,21 +140,6 @@ def test_one_example_exact_blocks_equal_exact_fisher(net, loss_name):
                                err_msg=str(path))
 
 
-def test_loss_and_grads_equal_value_and_grad():
-  x = jax.random.normal(jax.random.key(3), (5, 6), F64)
-  y = jax.random.randint(jax.random.key(4), (5,), 0, 3)
-  params = _init(LinenMLP(), x)
-  loss = losses.softmax_cross_entropy
-  step = jax.jit(knn.value_grad_and_tape(mlp, loss, samples=2))
-  value, grads, tape = step(params, x, y, jax.random.key(0))
-  want, want_grads = jax.value_and_grad(lambda p: loss(mlp(p, x), y))(params)
-  np.testing.assert_allclose(value, want, rtol=1e-12)
-  jax.tree_util.tree_map(
-      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-12), grads,
-      want_grads)
-  assert tape[("Dense_0",)].output_grads.shape == (2, 5, 1, 5)
-
-
 def _conv_stack(strides, padding, kernel_dilation, input_dilation=1):
   """A conv layer used twice (shared) and a dense head, as a list of layers."""
 
