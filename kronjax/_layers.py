@@ -25,9 +25,9 @@ def wanted_layers(
   """Normalises ``layers=``: paths as tuples, ``"a/b"`` strings split at ``/``."""
   if layers is None:
     return None
-  if isinstance(layers, (str, tuple)):
+  if isinstance(layers, str):
     raise TypeError(
-        f"layers={layers!r} must be a list of paths, e.g. "
+        f"layers={layers!r} must be a collection of paths, e.g. "
         f"layers=[{layers!r}].")
   return frozenset(
       tuple(p.split("/")) if isinstance(p, str) else tuple(p) for p in layers)
