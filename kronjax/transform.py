@@ -1,0 +1,400 @@
+"""K-FAC as an optax transformation: :func:`scale_by_kfac`, :func:`kfac`.
+
+All curvature state (moving averages of each layer's Kronecker factors, their
+eigendecompositions, the damping, the previous step) lives in the optax state;
+each ``update`` takes the batch's blocks as the extra argument
+``curvature=kronjax.fisher_blocks(tape)``.
+
+References:
+  Martens & Grosse 2015, Optimizing neural networks with Kronecker-factored
+  approximate curvature. Ba, Grosse & Martens 2017, Distributed second-order
+  optimization using Kronecker-factored approximations. Grosse & Martens 2016,
+  A Kronecker-factored approximate Fisher matrix for convolution layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax import GradientTransformationExtraArgs, ScalarOrSchedule
+
+from kronjax import _precondition as pre
+from kronjax import _quadratic as quad
+from kronjax._routing import all_finite, full_params_view, param_labels
+from kronjax._routing import skip_if_not_finite
+
+__all__ = ["KfacState", "kfac", "scale_by_kfac"]
+
+_CURVATURE_HINT = (
+    "pass curvature=kronjax.fisher_blocks(tape) to "
+    "tx.update(grads, opt_state, params, curvature=...)")
+
+
+class KfacState(NamedTuple):
+  """State of :func:`scale_by_kfac`; a pytree of arrays (msgpack/orbax-safe)."""
+
+  count: jax.Array  # () int32: updates applied (skipped ones not counted).
+  skipped: jax.Array  # () int32: updates skipped for non-finite inputs.
+  damping: jax.Array  # () factor_dtype: λ of the last update (adaptive: LM's).
+  factors: dict[str, pre.Factors]  # per candidate layer, key "/".join(path).
+  prev_step: Any  # adaptive: params-shaped last step d (≥ factor_dtype); ().
+  coefficients: jax.Array  # (2,) factor_dtype: (α, μ) of the last step;
+  # fixed step: (norm-constraint scale, 0).
+
+
+def _value(x: ScalarOrSchedule, count: jax.Array) -> Any:
+  return x(count) if callable(x) else x
+
+
+def scale_by_kfac(
+    damping: ScalarOrSchedule = 1e-3,
+    decay: float = 0.95,
+    inverse_every: int = 10,
+    factor_every: int = 1,
+    exact_damping: bool = True,
+    norm_constraint: float | None = None,
+    learning_rate: ScalarOrSchedule | None = None,
+    min_eigenvalue: float = 0.0,
+    factor_dtype: Any = "float32",
+    loss: Any = None,
+    damping_adaptation_interval: int = 5,
+    damping_bounds: tuple[float, float] = (1e-8, 1e3),
+) -> GradientTransformationExtraArgs:
+  """Preconditions gradients with K-FAC (Martens & Grosse 2015).
+
+  Each layer ``l`` with a block ``Kron(A, G)`` in ``curvature`` gets its
+  combined gradient ``Γ = ∂L/∂W̄`` (kernel rows, then the bias row) replaced by
+
+  .. math::
+
+    P_l = (\\bar A \\otimes \\bar G + λ I)^{-1} \\operatorname{vec}(Γ)
+    \\quad\\text{or}\\quad
+    \\big((\\bar A + π\\sqrt{λ} I) \\otimes (\\bar G + \\tfrac{\\sqrt{λ}}{π} I)
+    \\big)^{-1} \\operatorname{vec}(Γ),
+
+  with ``Ā``, ``Ḡ`` bias-corrected exponential moving averages of the blocks
+  (updated every ``factor_every`` steps; on the other steps the blocks are
+  ignored, so a caller may pass stale ones and skip the tape's extra cost) and
+  their eigendecompositions refreshed every ``inverse_every`` steps, always on
+  the first (both under ``lax.cond``). Embeddings have a diagonal ``A``.
+  Parameters that no block covers pass through unchanged.
+
+  **Fixed step** (``loss=None``): the output is ``s·P`` with the norm
+  constraint's ``s = min(1, sqrt(c / (η²·|⟨P, g⟩|)))`` (1 without it), ``η``
+  the learning rate that follows in the chain (Ba et al. 2017: ``η²⟨P, g⟩ ≈
+  ‖ηP‖²_F``, the step's KL divergence to second order, times 2).
+
+  **Adaptive step** (``loss`` given; Martens & Grosse 2015 §6–7, see
+  ``kronjax._quadratic``): the step ``d = αΔ + μδ``, with ``Δ = −P`` (``−g`` on
+  uncovered parameters) and ``δ`` the previous step, minimises the damped
+  quadratic model with exact Fisher products from ``output_fn``; the norm
+  constraint bounds ``dᵀFd``; every ``damping_adaptation_interval`` steps
+  Levenberg–Marquardt adapts ``λ`` (``0`` turns it off). The output is ``−d``:
+  gradient-signed like every ``scale_by_*``, so follow it with
+  ``optax.scale(-1.0)`` (a unit learning rate).
+
+  ``output_fn`` receives the params as this transform sees them: under
+  ``optax.partition`` the other group's leaves are ``optax.MaskedNode``
+  (:func:`kfac` fills them in for you).
+
+  A step whose gradients or blocks are not finite outputs zeros and leaves the
+  state as it was, except ``skipped``. Parameter dtypes are kept (bfloat16
+  stays bfloat16); factor maths runs in ``factor_dtype``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, kronjax
+    >>> params = {"Dense_0": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}}
+    >>> tx = optax.chain(scale_by_kfac(damping=1e-2), optax.sgd(0.1))
+    >>> state = tx.init(params)
+    >>> blocks = {("Dense_0",): kronjax.linalg.Kron(jnp.eye(3), jnp.eye(3))}
+    >>> updates, state = tx.update(params, state, params, curvature=blocks)
+    >>> round(float(updates["Dense_0"]["bias"][0]), 4)  # -0.1 / (1 + 0.01)
+    -0.099
+
+  Args:
+    damping: ``λ`` (float or schedule of the step count); the initial value in
+      adaptive mode.
+    decay: moving-average decay of the factors (0: the latest block only).
+    inverse_every: period of the eigendecompositions (static int).
+    factor_every: period of the factor updates (static int).
+    exact_damping: ``A ⊗ G + λI`` exactly; ``False``: the π-corrected split.
+    norm_constraint: ``c``, a bound on the step's squared Fisher norm, or
+      ``None``.
+    learning_rate: the learning rate the chain applies after this transform;
+      used only by ``norm_constraint`` in fixed-step mode.
+    min_eigenvalue: eigenvalues of the factors are clipped below at this.
+    factor_dtype: dtype of the factors and of the preconditioning maths (a
+      name such as ``"float32"`` stays static under ``inject_hyperparams``).
+    loss: a ``kronjax.losses`` NLL: turns on the adaptive step, which then
+      needs the extra arguments ``output_fn`` and ``targets``.
+    damping_adaptation_interval: ``T`` of Levenberg–Marquardt (adaptive mode).
+    damping_bounds: ``(min, max)`` of the adapted damping.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
+    keyword arguments ``curvature`` (``{layer_path: Kron(A, G)}``, required),
+    and in adaptive mode ``output_fn`` (params → outputs on this batch) and
+    ``targets``; other keyword arguments are ignored.
+
+  References:
+    Martens & Grosse 2015; Ba, Grosse & Martens 2017.
+  """
+  for name, period in (("inverse_every", inverse_every),
+                       ("factor_every", factor_every)):
+    if isinstance(period, int) and period < 1:
+      raise ValueError(f"{name} must be a positive int, got {period!r}.")
+  if norm_constraint is not None and loss is None and learning_rate is None:
+    raise ValueError(
+        "norm_constraint bounds learning_rate² · |<P, g>|: pass the "
+        "learning_rate that follows in the chain (or use kronjax.kfac).")
+  adaptive = loss is not None
+  factor_dtype = jnp.dtype(factor_dtype)
+
+  def init_fn(params):
+    factors = {key: pre.init_factors(spec, factor_dtype)
+               for key, spec in pre.find_layers(params).items()}
+    prev_step = ()
+    if adaptive:
+      prev_step = jax.tree.map(lambda p: jnp.zeros(
+          p.shape, jnp.promote_types(p.dtype, factor_dtype)), params)
+    return KfacState(
+        count=jnp.zeros([], jnp.int32), skipped=jnp.zeros([], jnp.int32),
+        damping=jnp.asarray(_value(damping, jnp.zeros([], jnp.int32)),
+                            factor_dtype),
+        factors=factors, prev_step=prev_step,
+        coefficients=jnp.zeros((2,), factor_dtype))
+
+  def update_fn(updates, state, params=None, *, curvature=None,
+                output_fn=None, targets=None, **extra_args):
+    del extra_args
+    if curvature is None:
+      raise ValueError(f"scale_by_kfac needs this batch's Fisher blocks: "
+                       f"{_CURVATURE_HINT}.")
+    if adaptive and (output_fn is None or targets is None or params is None):
+      raise ValueError(
+          "The adaptive K-FAC step (loss given, learning_rate=None) needs "
+          "params, output_fn= (params -> the model's outputs on this batch) "
+          "and targets= (the batch's targets): tx.update(grads, opt_state, "
+          "params, curvature=..., output_fn=..., targets=...). Or give a "
+          "learning_rate for a fixed step.")
+    layers = pre.find_layers(updates)
+    blocks = _checked_blocks(curvature, layers, state.factors)
+    # A non-finite step must leave the state alone: the factors' lax.conds
+    # are not taken, and the few other fields are selected below.
+    ok = all_finite(updates) & all_finite(blocks)
+    count, grads = state.count, updates
+    factors = _maintain_factors(
+        state.factors, blocks, decay, min_eigenvalue,
+        ok & (count % factor_every == 0), ok & (count % inverse_every == 0))
+    lam = state.damping if adaptive else jnp.asarray(
+        _value(damping, count), factor_dtype)
+    covered = {key: layers[key] for key in blocks}
+    precond = _precondition_tree(grads, covered, factors, lam, exact_damping)
+    new = state._replace(damping=lam.astype(state.damping.dtype))
+    if adaptive:
+      step, new = _adaptive_step(grads, precond, params, new, output_fn,
+                                 targets, count)
+      out = jax.tree.map(lambda d, g: -d.astype(g.dtype), step, grads)
+    else:
+      out, scale = _norm_constrained(grads, precond, covered, count)
+      new = new._replace(coefficients=jnp.stack(
+          [scale, jnp.zeros_like(scale)]).astype(factor_dtype))
+    keep = lambda n, o: jnp.where(ok, n, o)
+    out = jax.tree.map(lambda u: keep(u, jnp.zeros_like(u)), out)
+    return out, KfacState(
+        count=keep(optax.safe_int32_increment(count), count),
+        skipped=state.skipped + (~ok).astype(jnp.int32),
+        damping=keep(new.damping, state.damping), factors=factors,
+        prev_step=jax.tree.map(keep, new.prev_step, state.prev_step),
+        coefficients=keep(new.coefficients, state.coefficients))
+
+  def _norm_constrained(grads, precond, covered, count):
+    scale = jnp.ones([], factor_dtype)
+    if norm_constraint is not None:
+      lr = jnp.asarray(_value(learning_rate, count), factor_dtype)
+      sq = quad.tree_dot(pre.layer_leaves(precond, covered),
+                         pre.layer_leaves(grads, covered), factor_dtype)
+      scale = quad.norm_constraint_scale(lr * lr * sq, norm_constraint)
+      precond = pre.map_layers(
+          lambda _, leaves: {n: x * scale.astype(x.dtype)
+                             for n, x in leaves.items()}, precond, covered)
+    return precond, scale
+
+  def _adaptive_step(grads, precond, params, state, output_fn, targets,
+                     count):
+    delta = jax.tree.map(lambda p, x: -p.astype(x.dtype), precond, params)
+    prev = jax.tree.map(lambda d, x: d.astype(x.dtype), state.prev_step,
+                        params)
+    model = quad.quadratic_model(output_fn, loss, targets, params, grads,
+                                 (delta, prev), factor_dtype)
+    w = quad.solve(model, state.damping)
+    if norm_constraint is not None:
+      w = w * quad.norm_constraint_scale(w @ model.fisher @ w, norm_constraint)
+    step = jax.tree.map(
+        lambda a, b, d: (w[0] * a.astype(d.dtype) + w[1] * b.astype(d.dtype)),
+        delta, prev, state.prev_step)
+    lam = _adapt_damping(model, w, step, params, state.damping, output_fn,
+                         targets, count)
+    return step, state._replace(damping=lam, prev_step=step, coefficients=w)
+
+  def _adapt_damping(model, w, step, params, lam, output_fn, targets, count):
+    interval = damping_adaptation_interval
+
+    def lm(lam):
+      moved = jax.tree.map(lambda p, d: (p + d.astype(p.dtype)), params, step)
+      new_loss = loss(output_fn(moved), targets).astype(lam.dtype)
+      rho = (new_loss - model.loss) / quad.predicted_change(model, w)
+      return quad.levenberg_marquardt(lam, rho, interval, damping_bounds)
+
+    due = (count % jnp.maximum(interval, 1) == 0) & (interval > 0)
+    return jax.lax.cond(due, lm, lambda lam: lam, lam)
+
+  return GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _checked_blocks(curvature, layers, factors):
+  """``{key: (A, G)}`` of the blocks, checked against params and state."""
+  if not isinstance(curvature, dict):
+    raise ValueError(f"curvature must be a dict {{layer_path: Kron(A, G)}}; "
+                     f"got {type(curvature).__name__}: {_CURVATURE_HINT}.")
+  out = {}
+  for path, block in curvature.items():
+    path = tuple(path.split("/")) if isinstance(path, str) else tuple(path)
+    a, g = block.factors
+    spec = pre.check_block(path, layers, a, g)
+    key = pre.layer_key(spec.path)
+    if key not in factors:
+      raise ValueError(f"Layer {path} has a block but was not in the params "
+                       f"given to init; known layers: {list(factors)}.")
+    out[key] = (a, g)
+  return out
+
+
+def _maintain_factors(factors, blocks, decay, min_eigenvalue, update_now,
+                      refresh_now):
+  """Moving averages and eigendecompositions of the layers with blocks."""
+  sub = {key: factors[key] for key in blocks}
+  sub = jax.lax.cond(
+      update_now,
+      lambda fs: {k: pre.update_factors(f, *blocks[k], decay)
+                  for k, f in fs.items()},
+      lambda fs: fs, sub)
+  sub = jax.lax.cond(
+      refresh_now,
+      lambda fs: {k: pre.refresh_eigh(f, min_eigenvalue)
+                  for k, f in fs.items()},
+      lambda fs: fs, sub)
+  return {**factors, **sub}
+
+
+def _precondition_tree(grads, covered, factors, damping, exact_damping):
+  def layer(key, leaves):
+    gamma = pre.to_matrix(covered[key], leaves,
+                          jnp.result_type(*leaves.values()))
+    p = pre.precondition(factors[key], gamma, damping, exact_damping)
+    return pre.from_matrix(covered[key], p, leaves)
+
+  return pre.map_layers(layer, grads, covered)
+
+
+def kfac(
+    learning_rate: ScalarOrSchedule | None = None,
+    damping: ScalarOrSchedule = 1e-3,
+    decay: float = 0.95,
+    inverse_every: int = 10,
+    factor_every: int = 1,
+    norm_constraint: float | None = None,
+    exact_damping: bool = True,
+    loss: Any = None,
+    fallback: optax.GradientTransformation = optax.adam(1e-3),
+    factor_dtype: Any = "float32",
+) -> GradientTransformationExtraArgs:
+  """K-FAC with a fixed or adaptive step; a first-order optimizer for the rest.
+
+  Layers (nodes with a ``kernel`` of rank >= 2, or an ``embedding``) get
+  :func:`scale_by_kfac` followed by ``−learning_rate`` (evaluated at the K-FAC
+  step count, so skipped steps do not advance a schedule), or, with
+  ``learning_rate=None``, the adaptive step of Martens & Grosse 2015
+  (``loss`` required; ``output_fn=`` and ``targets=`` each update) followed by
+  ``optax.scale(-1.0)``. All other parameters (normalisation scales, ...) go
+  to ``fallback`` through ``optax.partition``.
+
+  ``optax.partition`` hides the other group's parameters from each group
+  (``optax.MaskedNode``), but ``output_fn`` needs them all: a thin outer
+  wrapper hands the K-FAC group an ``output_fn`` that fills the masked leaves
+  in from the full ``params`` of this update (as constants: the adaptive step
+  moves only the K-FAC parameters). The same wrapper makes a step atomic:
+  when any gradient or block is not finite, every group skips it (K-FAC counts
+  it in ``KfacState.skipped``; ``fallback`` keeps its state).
+
+  A layer that is in ``params`` but has no block in ``curvature`` gets plain
+  gradient steps with the K-FAC step size: tap every layer.
+
+  The returned updates are to be added to the params, as with every optax
+  alias. Under ``optax.inject_hyperparams`` results are identical to the
+  plain alias; a ``loss`` is callable, so mark it static
+  (``optax.inject_hyperparams(kronjax.kfac, static_args="loss")``), and note
+  that in adaptive mode ``damping`` only sets the initial damping. With
+  ``optax.MultiSteps`` (gradient accumulation) the extra arguments are not
+  accumulated: the inner update runs on every mini-step with that call's
+  ``curvature`` and its state is kept only on the emitting call, so pass the
+  running mean of the mini-batches' blocks (``jax.tree.map`` over the
+  ``Kron`` pytrees) to get factors accumulated like the gradients.
+
+  Examples:
+    >>> import jax.numpy as jnp, kronjax
+    >>> tx = kronjax.kfac(learning_rate=0.1, damping=1e-2)
+    >>> params = {"Dense_0": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)},
+    ...           "LayerNorm_0": {"scale": jnp.ones(3)}}
+    >>> state = tx.init(params)
+    >>> blocks = {("Dense_0",): kronjax.linalg.Kron(jnp.eye(3), jnp.eye(3))}
+    >>> updates, state = tx.update(params, state, params, curvature=blocks)
+
+  Args:
+    learning_rate: step size (float or schedule) of the K-FAC layers; ``None``
+      for the adaptive step (needs ``loss``).
+    damping: initial (adaptive) or fixed damping ``λ``, float or schedule.
+    decay: moving-average decay of the factors.
+    inverse_every: period of the eigendecompositions.
+    factor_every: period of the factor updates.
+    norm_constraint: bound on the step's squared Fisher norm (KL clipping).
+    exact_damping: exact ``A ⊗ G + λI``, or the π-corrected split.
+    loss: the model's ``kronjax.losses`` NLL, for the adaptive step.
+    fallback: optimizer of the parameters outside K-FAC layers.
+    factor_dtype: dtype of the factors.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; see :func:`scale_by_kfac`
+    for the extra arguments of ``update``.
+  """
+  if learning_rate is None and loss is None:
+    raise ValueError(
+        "kfac needs a learning_rate (fixed step) or a loss (adaptive step, "
+        "e.g. loss=kronjax.losses.softmax_cross_entropy, with output_fn= and "
+        "targets= passed to each update).")
+  adaptive = learning_rate is None
+  inner = scale_by_kfac(
+      damping=damping, decay=decay, inverse_every=inverse_every,
+      factor_every=factor_every, exact_damping=exact_damping,
+      norm_constraint=norm_constraint, learning_rate=learning_rate,
+      factor_dtype=factor_dtype, loss=loss if adaptive else None)
+  if adaptive:
+    kfac_group = optax.chain(inner, optax.scale(-1.0))
+  else:
+    kfac_group = _descend_at_kfac_count(inner, learning_rate)
+  groups = {"kfac": kfac_group, "fallback": skip_if_not_finite(fallback)}
+  return full_params_view(optax.partition(groups, param_labels))
+
+
+def _descend_at_kfac_count(inner, learning_rate):
+  """``−learning_rate(count) · inner``, with ``count`` the K-FAC step count."""
+
+  def update_fn(updates, state, params=None, **extra_args):
+    lr = _value(learning_rate, state.count)
+    updates, state = inner.update(updates, state, params, **extra_args)
+    return jax.tree.map(lambda u: -jnp.asarray(lr, u.dtype) * u, updates), state
+
+  return GradientTransformationExtraArgs(inner.init, update_fn)
