@@ -12,6 +12,9 @@ from kronjax.blocks import fisher_blocks as fisher_blocks
 from kronjax.blocks import layer_block as layer_block
 from kronjax.blocks import uncovered_parameters as uncovered_parameters
 from kronjax.tape import LayerTape as LayerTape
+from kronjax.transform import KfacState as KfacState
+from kronjax.transform import kfac as kfac
+from kronjax.transform import scale_by_kfac as scale_by_kfac
 
 try:
   __version__ = _metadata.version("kronjax")
@@ -19,12 +22,15 @@ except _metadata.PackageNotFoundError:  # running from a source tree
   __version__ = "0.0.0"
 
 __all__ = [
+    "KfacState",
     "LayerTape",
     "fisher_blocks",
     "flax",
+    "kfac",
     "layer_block",
     "linalg",
     "losses",
+    "scale_by_kfac",
     "uncovered_parameters",
 ]
 
