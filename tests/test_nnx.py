@@ -16,7 +16,6 @@ from flax import nnx
 import kronjax
 from kronjax import losses
 from kronjax.flax import _nnx
-from kronjax.transform import kfac
 from test_flax_tape import (LOSSES, _dense_kron, _get, _init, _targets, _wbar,
                             GeneralNet)
 from test_pure_jax import (EXACT_CASES, LinenConv, LinenEmbed, LinenMLP,
@@ -145,7 +144,7 @@ def test_linen_nnx_and_pure_jax_give_identical_tapes_and_updates(net):
       for u, v in zip(b[path].factors, blocks[0][path].factors):
         np.testing.assert_allclose(u, v, atol=1e-13, err_msg=str(path))
   # One K-FAC step each: optax for linen and pure JAX, nnx.Optimizer for NNX.
-  tx = kfac(learning_rate=0.5, damping=1e-2, inverse_every=1,
+  tx = kronjax.kfac(learning_rate=0.5, damping=1e-2, inverse_every=1,
             factor_dtype=F64)
   updates = [tx.update(grads[i], tx.init(params), params,
                        curvature=blocks[i])[0] for i in (0, 2)]
