@@ -8,6 +8,7 @@ from importlib import metadata as _metadata
 
 from kronjax import linalg as linalg
 from kronjax import losses as losses
+from kronjax import nn as nn
 from kronjax.blocks import fisher_blocks as fisher_blocks
 from kronjax.blocks import layer_block as layer_block
 from kronjax.blocks import uncovered_parameters as uncovered_parameters
@@ -30,6 +31,7 @@ __all__ = [
     "layer_block",
     "linalg",
     "losses",
+    "nn",
     "scale_by_kfac",
     "uncovered_parameters",
 ]
