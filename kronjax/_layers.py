@@ -19,6 +19,12 @@ import numpy as np
 
 from kronjax.tape import LayerMeta, LayerPath
 
+# jax >= 0.10 moved it to jax.extend.core; jax 0.9 (kfac-jax's pin) has it in
+# jax.core.
+_opaque_trace_state = getattr(jax.extend.core, "get_opaque_trace_state", None)
+if _opaque_trace_state is None:  # pragma: no cover - older jax
+  _opaque_trace_state = jax.core.get_opaque_trace_state
+
 
 def wanted_layers(
     layers: Iterable[LayerPath | str] | None) -> frozenset | None:
@@ -49,7 +55,7 @@ class Recorder:
     self.inputs: dict[LayerPath, list[jax.Array]] = {}
     self.metas: dict[LayerPath, LayerMeta] = {}
     self.seen: dict[LayerPath, str] = {}  # every layer-like call, for errors
-    self._trace = jax.extend.core.get_opaque_trace_state(convention="kronjax")
+    self._trace = _opaque_trace_state(convention="kronjax")
 
   def wants(self, path: LayerPath, what: str) -> bool:
     """Notes a call of ``path`` (a ``what``); whether to tap it."""
@@ -85,7 +91,7 @@ class Recorder:
 
   def nested(self) -> bool:
     """Whether the caller runs under a transformation inside the model."""
-    here = jax.extend.core.get_opaque_trace_state(convention="kronjax")
+    here = _opaque_trace_state(convention="kronjax")
     return here != self._trace
 
   def check_trace(self, what: str) -> None:

@@ -28,6 +28,8 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kronjax._paths import key_name
+
 LayerPath = tuple[Any, ...]
 LayerKind = Literal["dense", "embed"]
 
@@ -98,13 +100,6 @@ def layer_key(path: LayerPath) -> str:
   return "/".join(str(p) for p in path)
 
 
-def _key_name(key: Any) -> Any:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return getattr(key, attr)
-  return str(key)
-
-
 def tree_paths(tree: Any) -> tuple[list[tuple[LayerPath, Any]], Any]:
   """``[(path, leaf)]`` of a pytree and its treedef.
 
@@ -116,7 +111,7 @@ def tree_paths(tree: Any) -> tuple[list[tuple[LayerPath, Any]], Any]:
   for key_path, leaf in flat:
     keys = [k for k in key_path if not (
         isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value")]
-    out.append((tuple(_key_name(k) for k in keys), leaf))
+    out.append((tuple(key_name(k) for k in keys), leaf))
   return out, treedef
 
 
