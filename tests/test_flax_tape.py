@@ -72,6 +72,21 @@ def _with_wbar(node, wbar):
   return out
 
 
+def assert_tape_is_gradient(grads, tape, n):
+  """With the empirical Fisher, mean_n sum_t ā gᵀ must be the W̄ gradient."""
+  assert tape, "nothing tapped"
+  for path, t in tape.items():
+    if t.kind == "embed":
+      a = jax.nn.one_hot(t.inputs, t.num_embeddings, dtype=F64)
+    else:
+      a = t.inputs
+      if t.has_bias:
+        a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,))], axis=-1)
+    got = jnp.einsum("nti,ntj->ij", a, t.output_grads[0]) / n
+    np.testing.assert_allclose(got, _wbar(_get(grads, path)), atol=1e-12,
+                               err_msg=str(path))
+
+
 def exact_fisher_block(model, params, x, y, loss, path):
   """J^T Λ J for the layer at ``path``, from jax.jacobian and jax.hessian."""
   node = _get(params, path)

@@ -16,8 +16,8 @@ from flax import nnx
 import kronjax
 from kronjax import losses
 from kronjax.flax import _nnx
-from test_flax_tape import (LOSSES, _dense_kron, _get, _init, _targets, _wbar,
-                            GeneralNet)
+from test_flax_tape import (LOSSES, GeneralNet, _dense_kron, _init, _targets,
+                            assert_tape_is_gradient)
 from test_pure_jax import (EXACT_CASES, LinenConv, LinenEmbed, LinenMLP,
                            covering_conv, embed_net, exact_block, mlp)
 
@@ -204,19 +204,6 @@ MODELS = {
 }
 
 
-def _check_tape_is_gradient(grads, tape, n):
-  for path, t in tape.items():
-    if t.kind == "embed":
-      a = jax.nn.one_hot(t.inputs, t.num_embeddings, dtype=F64)
-    else:
-      a = t.inputs
-      if t.has_bias:
-        a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,))], axis=-1)
-    got = jnp.einsum("nti,ntj->ij", a, t.output_grads[0]) / n
-    np.testing.assert_allclose(got, _wbar(_get(grads, path)), atol=1e-12,
-                               err_msg=str(path))
-
-
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_tape_reproduces_the_gradient_under_nnx_jit(name):
   make, make_x = MODELS[name]
@@ -231,7 +218,7 @@ def test_tape_reproduces_the_gradient_under_nnx_jit(name):
   assert jax.tree.structure(grads) == jax.tree.structure(want)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-12),
                grads, want)
-  _check_tape_is_gradient(nnx.to_pure_dict(grads), tape, x.shape[0])
+  assert_tape_is_gradient(nnx.to_pure_dict(grads), tape, x.shape[0])
   if name == "shared":
     assert set(tape) == {("layers", 0), ("layers", 1), ("encoder",)}
     assert tape[("encoder",)].inputs.shape == (3, 6, 5)  # 2 calls x 3 tokens

@@ -19,7 +19,7 @@ import kronjax
 import kronjax.nn as knn
 from kronjax import losses
 from test_flax_tape import (LOSSES, _dense_kron, _get, _init, _set, _targets,
-                            _wbar, _with_wbar)
+                            _wbar, _with_wbar, assert_tape_is_gradient)
 
 F64 = jnp.float64
 
@@ -195,17 +195,7 @@ def _check_tape_is_gradient(apply, params, x):
   step = knn.value_grad_and_tape(apply, losses.squared_error,
                                  fisher="empirical")
   _, grads, tape = jax.jit(step)(params, x, y)
-  assert tape
-  for path, t in tape.items():
-    if t.kind == "embed":
-      a = jax.nn.one_hot(t.inputs, t.num_embeddings, dtype=F64)
-    else:
-      a = t.inputs
-      if t.has_bias:
-        a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,))], axis=-1)
-    got = jnp.einsum("nti,ntj->ij", a, t.output_grads[0]) / x.shape[0]
-    np.testing.assert_allclose(got, _wbar(_get(grads, path)), atol=1e-12,
-                               err_msg=str(path))
+  assert_tape_is_gradient(grads, tape, x.shape[0])
 
 
 def test_tokens_general_dense_and_embedding_reproduce_the_gradient():

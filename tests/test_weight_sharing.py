@@ -16,7 +16,8 @@ import pytest
 
 import kronjax
 from kronjax import losses
-from test_flax_tape import _dense_kron, _get, _init, _wbar, exact_fisher_block
+from test_flax_tape import (_dense_kron, _init, assert_tape_is_gradient,
+                            exact_fisher_block)
 
 F64 = jnp.float64
 
@@ -96,18 +97,7 @@ def test_tape_reproduces_the_gradient(net):
   step = kronjax.flax.value_grad_and_tape(model, losses.squared_error,
                                           fisher="empirical")
   _, grads, tape = jax.jit(step)(params, x, y)
-  assert tape, "nothing tapped"
-  for path, t in tape.items():
-    g = t.output_grads[0]
-    if t.kind == "embed":
-      a = jax.nn.one_hot(t.inputs, t.num_embeddings, dtype=F64)
-    else:
-      a = t.inputs
-      if t.has_bias:
-        a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,))], axis=-1)
-    got = jnp.einsum("nti,ntj->ij", a, g) / x.shape[0]
-    np.testing.assert_allclose(got, _wbar(_get(grads, path)), atol=1e-12,
-                               err_msg=str(path))
+  assert_tape_is_gradient(grads, tape, x.shape[0])
 
 
 def test_nested_and_shared_paths():
