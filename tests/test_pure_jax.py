@@ -18,6 +18,9 @@ import pytest
 import kronjax
 import kronjax.nn as knn
 from kronjax import losses
+from test_flax_tape import MLP as LinenMLP
+from test_flax_tape import CoveringConv as LinenConv
+from test_flax_tape import EmbedNet as LinenEmbed
 from test_flax_tape import (LOSSES, _dense_kron, _get, _init, _set, _targets,
                             _wbar, _with_wbar, assert_tape_is_gradient)
 
@@ -69,27 +72,6 @@ def general_net(p, x):
   """A dense layer contracting two axes: kernel (3, 4, 6)."""
   h = jnp.tanh(_dense(p, x, "Dense_0"))
   return _dense(p, h, "Dense_1")
-
-
-class LinenMLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    x = jnp.tanh(nn.Dense(5)(x))
-    x = jnp.tanh(nn.Dense(4, use_bias=False)(x))
-    return nn.Dense(3)(x)
-
-
-class LinenConv(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    h = jnp.tanh(nn.Conv(4, (3, 3), padding="VALID")(x))
-    return nn.Dense(3)(h.reshape(h.shape[0], -1))
-
-
-class LinenEmbed(nn.Module):
-  @nn.compact
-  def __call__(self, ids):
-    return nn.Dense(3)(jnp.tanh(nn.Embed(7, 4)(ids)))
 
 
 def _general_params(key):
