@@ -1,0 +1,370 @@
+"""kronjax on several devices: data parallel, model parallel, placed refreshes.
+
+XLA fixes the number of (simulated) CPU devices when jax starts, and this
+test process started long ago, so every multi-device check runs this file
+as a script in a fresh process with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``: ``python
+tests/test_sharding.py <check>`` prints one JSON line or raises. The checks
+run in float32 (the subprocess does not enable x64), as training does.
+
+References:
+  Pauloski et al. 2021, KAISA: an adaptive second-order optimizer framework
+  for deep neural networks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import kronjax
+from kronjax import _placement
+from kronjax import _precondition as pre
+
+CE = kronjax.losses.softmax_cross_entropy
+BATCH = 56  # divisible by 4 and 8; 56, 14, 7: unlike every width of the models
+STEPS = 3  # with inverse_every=2: refresh, no refresh, refresh
+
+
+def _check(name: str, *args: str, devices: int = 8) -> dict:
+  """Runs ``name`` in a fresh process with ``devices`` simulated devices."""
+  # Compiling dominates these checks; LLVM's optimisations do not change
+  # what they check (the partitioned HLO and the numbers) and halve it.
+  flags = (f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0"
+           f" --xla_force_host_platform_device_count={devices}")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags.strip()}
+  proc = subprocess.run([sys.executable, __file__, name, *args], env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, f"{name} {args} failed:\n{proc.stderr[-6000:]}"
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- models and steps (used by the subprocesses) ---------------------------
+
+class Mlp(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.tanh(nn.LayerNorm()(nn.Dense(16)(x)))  # LayerNorm → the fallback
+    x = jnp.tanh(nn.Dense(12)(x))
+    return nn.Dense(5)(x)
+
+
+class Cnn(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.tanh(nn.Conv(4, (3, 3), padding="VALID")(x))
+    return nn.Dense(5)(x.reshape(x.shape[0], -1))
+
+
+def _problem(model_name):
+  """Model, params, inputs and labels of a small classification problem."""
+  model = {"mlp": Mlp(), "cnn": Cnn()}[model_name]
+  shape = {"mlp": (BATCH, 9), "cnn": (BATCH, 7, 7, 1)}[model_name]
+  x = jax.random.normal(jax.random.key(0), shape, jnp.float32)
+  y = jnp.arange(BATCH) % 5
+  return model, model.init(jax.random.key(1), x)["params"], x, y
+
+
+def _train_step(model, tx):
+  """The README's train step, returning the blocks too."""
+  tape_fn = kronjax.flax.value_grad_and_tape(model, CE, fisher="mc")
+
+  def step(params, state, x, y, rng):
+    loss, grads, tape = tape_fn(params, x, y, rng)
+    blocks = kronjax.fisher_blocks(tape)
+    updates, state = tx.update(
+        grads, state, params, curvature=blocks,
+        output_fn=lambda p: model.apply({"params": p}, x), targets=y)
+    return optax.apply_updates(params, updates), state, loss, blocks
+
+  return step
+
+
+def _tx(mode, **kwargs):
+  lr = {"fixed": 0.1, "adaptive": None}[mode]
+  return kronjax.kfac(lr, damping=1e-2, loss=CE, inverse_every=2, **kwargs)
+
+
+def _mesh(shape, names, devices=None):
+  auto = (jax.sharding.AxisType.Auto,) * len(shape)
+  devices = devices or jax.devices()[:int(np.prod(shape))]
+  return jax.make_mesh(shape, names, axis_types=auto, devices=devices)
+
+
+def _run(step, params, state, x, y, pin=False):
+  """Compiles ``step`` once and runs it ``STEPS`` times on its own outputs.
+
+  A ``Compiled`` refuses arguments whose shardings differ from the ones it
+  was compiled for, so this also shows that the state keeps its sharding
+  (``jax.jit`` would not recompile on the second step).
+  """
+  rng = jax.random.key(2)
+  # Model parallel: XLA would pick the outputs' shardings by propagation.
+  out = ((*jax.tree.map(lambda a: a.sharding, (params, state)), None, None)
+         if pin else None)
+  compiled = jax.jit(step, out_shardings=out).lower(
+      params, state, x, y, rng).compile()
+  trace = []
+  for i in range(STEPS):
+    params, state, loss, blocks = compiled(params, state, x, y,
+                                           jax.random.fold_in(rng, i))
+    trace.append((params, loss, blocks))
+  return trace, state, compiled.as_text()
+
+
+def _assert_trace_close(got, want):
+  for (p1, l1, b1), (p2, l2, b2) in zip(got, want):
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    for x1, x2 in zip(jax.tree.leaves(b1), jax.tree.leaves(b2)):
+      np.testing.assert_allclose(x1, x2, rtol=1e-4, atol=1e-6)
+    for x1, x2 in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+      np.testing.assert_allclose(x1, x2, rtol=1e-4, atol=5e-5)
+
+
+def _collectives(hlo: str) -> list[tuple[str, list[list[int]]]]:
+  """``[(op, [shape, ...])]`` of the collectives in compiled HLO text."""
+  ops = "all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter"
+  out = []
+  for line in hlo.splitlines():
+    m = re.match(rf"\s*(?:ROOT )?%\S+ = (.*?) ({ops})(?:-start)?\(", line)
+    if m:
+      shapes = [[int(d) for d in dims.split(",") if d]
+                for dims in re.findall(r"\w+\[([\d,]*)\]", m.group(1))]
+      out.append((m.group(2), shapes))
+  return out
+
+
+def _assert_batch_stays_sharded(hlo, n, factor_shapes):
+  """No collective moves a batch-sized array; the factors are all-reduced."""
+  found = _collectives(hlo)
+  for op, shapes in found:
+    for shape in shapes:
+      assert not {BATCH, BATCH // n} & set(shape[:1]), (op, shape)
+  reduced = {tuple(s) for op, shapes in found if op == "all-reduce"
+             for s in shapes}
+  missing = [s for s in factor_shapes if s not in reduced]
+  assert not missing, f"factors not all-reduced: {missing}; got {found}"
+  return sorted({op for op, _ in found})
+
+
+# Each model and each mode runs once on 4 and once on 8 devices: compiling
+# the four combinations of each model would take twice as long.
+DATA_PARALLEL = {"mlp": (("fixed", 4), ("adaptive", 8)),
+                 "cnn": (("fixed", 8), ("adaptive", 4))}
+
+
+def check_data_parallel(model_name):
+  model, params, x, y = _problem(model_name)
+  report = {}
+  for mode, n in DATA_PARALLEL[model_name]:
+    tx = _tx(mode)
+    step = _train_step(model, tx)
+    want, _, _ = _run(step, params, tx.init(params), x, y)
+    mesh = _mesh((n,), ("data",))
+    rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    got, state, hlo = _run(step, *jax.device_put(
+        (params, tx.init(params)), rep), *jax.device_put((x, y), data))
+    _assert_trace_close(got, want)
+    assert all(s.sharding.is_fully_replicated
+               for s in jax.tree.leaves((got[-1][0], state)))
+    shapes = [tuple(f.shape) for b in want[0][2].values() for f in b.factors]
+    report[f"{mode}/{n}"] = _assert_batch_stays_sharded(hlo, n, shapes)
+  return report
+
+
+def check_model_parallel():
+  """A kernel split over "model" on a data × model mesh."""
+  model, params, x, y = _problem("mlp")
+  report = {}
+  for mode in ("fixed", "adaptive"):
+    tx = _tx(mode)
+    step = _train_step(model, tx)
+    want, _, _ = _run(step, params, tx.init(params), x, y)
+    mesh = _mesh((4, 2), ("data", "model"))
+    # Megatron-style: Dense_1's outputs split over "model", so are Dense_2's
+    # inputs; the rest is replicated.
+    specs = {"Dense_1": {"kernel": P(None, "model"), "bias": P("model")},
+             "Dense_2": {"kernel": P("model", None), "bias": P()}}
+    shardings = jax.tree_util.tree_map_with_path(
+        lambda path, _: NamedSharding(mesh, specs.get(path[0].key, {}).get(
+            path[-1].key, P())), params)
+    sharded = jax.device_put(params, shardings)
+    state = jax.device_put(tx.init(params), NamedSharding(mesh, P()))
+    got, _, _ = _run(step, sharded, state,
+                     *jax.device_put((x, y), NamedSharding(mesh, P("data"))),
+                     pin=True)
+    _assert_trace_close(got, want)
+    kernel = got[-1][0]["Dense_1"]["kernel"]
+    report[mode] = str(kernel.sharding.spec)
+  return report
+
+
+def _random_factors(seed=0):
+  """Refreshable factors of dense layers of assorted sizes and an embedding."""
+  rng = np.random.default_rng(seed)
+  sizes = [(7, 5), (12, 3), (30, 20), (4, 4), (9, 16), (2, 2), (25, 6)]
+  specs = [pre.LayerSpec((f"L{i}",), "dense", s, (s[1],))
+           for i, s in enumerate(sizes)]
+  specs.append(pre.LayerSpec(("E",), "embed", (11, 6), None))
+  factors = {}
+  for spec in specs:
+    f = pre.init_factors(spec, jnp.float32)
+    a = rng.normal(size=(f.a.shape[0], 2 * f.a.shape[0]))
+    g = rng.normal(size=(f.g.shape[0], 2 * f.g.shape[0]))
+    a = np.abs(a[:, 0]) if f.a.ndim == 1 else a @ a.T / a.shape[1]
+    factors[pre.layer_key(spec.path)] = pre.update_factors(
+        f, a.astype(np.float32), (g @ g.T / g.shape[1]).astype(np.float32), .5)
+  return factors
+
+
+def check_placement():
+  """Placed refreshes equal the loop's, and each layer runs on one device."""
+  factors = _random_factors()
+  plain = jax.jit(lambda fs, m: _placement.refresh_eighs(fs, m, None))
+  want = plain(factors, jnp.float32(1e-3))
+  report = {}
+  for n in (4, 8):
+    mesh = _mesh((n,), ("data",))
+    ran = []
+
+    def refresh(f, lam):
+      # Records (device, layer size) each time a branch really runs.
+      jax.debug.callback(lambda i, d: ran.append((int(i), int(d))),
+                         jax.lax.axis_index("data"), f.g.shape[0])
+      return pre.refresh_eigh(f, lam)
+
+    @jax.jit
+    def under_cond(fs, lam, now):
+      # As in the optimizer: inside jit, under the refresh's lax.cond.
+      placed = lambda fs: _placement.refresh_distributed(
+          fs, lambda f: refresh(f, lam), mesh, "data")
+      return jax.lax.cond(now, placed, lambda fs: fs, fs)
+
+    got = under_cond(factors, jnp.float32(1e-3), True)
+    jax.effects_barrier()
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+      np.testing.assert_array_equal(a, b)  # exact: the sum adds only zeros
+    assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(got))
+    owners = _placement.assign_layers(
+        {k: _placement.layer_cost(f) for k, f in factors.items()}, n)
+    expected = sorted((owners[k], f.g.shape[0]) for k, f in factors.items())
+    assert sorted(ran) == expected, (sorted(ran), expected)
+    ran.clear()
+    skipped = under_cond(factors, jnp.float32(1e-3), False)
+    jax.effects_barrier()
+    assert not ran
+    for a, b in zip(jax.tree.leaves(factors), jax.tree.leaves(skipped)):
+      np.testing.assert_array_equal(a, b)
+    report[n] = owners
+  # A 2-D mesh: place over both axes, or over one (the other repeats it).
+  mesh = _mesh((4, 2), ("data", "model"))
+  for axes in (("data", "model"), "model"):
+    got = jax.jit(lambda fs: _placement.refresh_eighs(fs, 1e-3, mesh, axes))(
+        factors)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+      np.testing.assert_array_equal(a, b)
+  return report
+
+
+def check_optimizer_inverse_mesh():
+  """kfac(inverse_mesh=...) takes the same steps as without it."""
+  model, params, x, y = _problem("cnn")
+  mesh = _mesh((4,), ("data",))
+  rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  batch = jax.device_put((x, y), data)
+  for mode in ("fixed", "adaptive"):
+    runs = []
+    for kwargs in ({}, {"inverse_mesh": mesh, "inverse_axis": "data"}):
+      tx = _tx(mode, **kwargs)
+      runs.append(_run(_train_step(model, tx), *jax.device_put(
+          (params, tx.init(params)), rep), *batch)[0])
+    _assert_trace_close(*runs)
+  return {"ok": True}
+
+
+# --- the tests --------------------------------------------------------------
+
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+def test_data_parallel_step_equals_one_device(model_name):
+  report = _check("check_data_parallel", model_name)
+  assert set(report) == {f"{m}/{n}" for m, n in DATA_PARALLEL[model_name]}
+  assert all("all-reduce" in ops for ops in report.values())
+
+
+def test_model_parallel_kernel_gives_the_same_steps():
+  report = _check("check_model_parallel")
+  # XLA SPMD keeps the kernel split over "model" through the whole step.
+  assert report == {"fixed": "P(None, 'model')",
+                    "adaptive": "P(None, 'model')"}
+
+
+def test_placed_refresh_equals_the_loop_on_4_and_8_devices():
+  report = _check("check_placement")
+  assert set(report) == {"4", "8"}
+
+
+def test_optimizer_with_inverse_mesh():
+  if "inverse_mesh" not in inspect.signature(kronjax.kfac).parameters:
+    pytest.skip("kfac(inverse_mesh=...) is wired by transform.py's owner")
+  assert _check("check_optimizer_inverse_mesh", devices=4) == {"ok": True}
+
+
+def test_distributed_example_runs_on_simulated_devices():
+  proc = subprocess.run(
+      [sys.executable, "-m", "kronjax.examples.distributed", "--cpu-devices",
+       "4", "--steps", "2", "--batch", "32"], capture_output=True, text=True,
+      timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-6000:]
+  assert "4 devices, 1 process(es); batch 32 split as P('data',), 1 " in (
+      proc.stdout)
+
+
+def test_assign_layers_is_greedy_and_balanced():
+  costs = {"a": 27.0, "b": 8.0, "c": 64.0, "d": 1.0, "e": 8.0}
+  assert _placement.assign_layers(costs, 2) == {
+      "c": 0, "a": 1, "b": 1, "e": 1, "d": 1}  # loads 64 and 44
+  assert _placement.assign_layers(costs, 1) == dict.fromkeys(costs, 0)
+  spread = _placement.assign_layers(costs, 8)
+  assert sorted(spread.values()) == [0, 1, 2, 3, 4]  # one layer each
+  with pytest.raises(ValueError, match="n >= 1"):
+    _placement.assign_layers(costs, 0)
+
+
+def test_layer_cost_counts_dense_factors_cubed():
+  factors = _random_factors()
+  assert _placement.layer_cost(factors["L2"]) == 31 ** 3 + 20 ** 3
+  assert _placement.layer_cost(factors["E"]) == 11 + 6 ** 3  # diagonal A
+
+
+def test_without_mesh_is_the_plain_loop():
+  factors = _random_factors()
+  got = _placement.refresh_eighs(factors, 1e-3, None)
+  for key, f in factors.items():
+    want = pre.refresh_eigh(f, 1e-3)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got[key])):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_unknown_axis_is_an_error():
+  mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+  with pytest.raises(ValueError, match="no axis 'model'"):
+    _placement.refresh_eighs(_random_factors(), 1e-3, mesh, "model")
+
+
+if __name__ == "__main__":
+  name, *args = sys.argv[1:]
+  print(json.dumps(globals()[name](*args)))
