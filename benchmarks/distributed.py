@@ -118,7 +118,8 @@ def worker(n: int, repeats: int) -> dict:
   per_device = [[k for k in costs if owners[k] == i] for i in range(n)]
   busiest = max(range(n), key=lambda i: sum(costs[k] for k in per_device[i]))
   out["eigh_total"] = sum(2 - (f.a.ndim == 1) for f in factors.values())
-  out["eigh_busiest"] = 2 * len(per_device[busiest])
+  out["eigh_busiest"] = sum(2 - (factors[k].a.ndim == 1)
+                            for k in per_device[busiest])
   out["cost_total"] = sum(costs.values())
   out["cost_busiest"] = sum(costs[k] for k in per_device[busiest])
   out["layers_per_device"] = [len(ks) for ks in per_device]
