@@ -1,8 +1,9 @@
 """Layers of a params tree, their Kronecker-factor state and preconditioning.
 
 The expensive, cached part of K-FAC (moving averages of the factors and their
-eigendecompositions) lives in one small NamedTuple per layer; the cheap part is
-:func:`precondition`, a damped solve in the factors' eigenbases,
+eigendecompositions, or their damped inverses) lives in one small NamedTuple
+per layer; the cheap part is :func:`precondition`. With exact damping it is a
+solve in the factors' eigenbases (four matmuls),
 
 .. math::
 
@@ -11,7 +12,17 @@ eigendecompositions) lives in one small NamedTuple per layer; the cheap part is
     {λ_A λ_G^\\top + λ}\\Big] U_G^\\top\\Big),
 
 with ``Γ`` the gradient of the layer's combined matrix ``W̄`` (kernel rows, then
-the bias row; see ``../shared/DESIGN.md``) and the division elementwise.
+the bias row; see ``../shared/DESIGN.md``) and the division elementwise. With
+the π-corrected split it is two matmuls with inverses cached at refresh time
+(by Cholesky, a third of the cost of ``eigh``),
+
+.. math::
+
+  \\big((A + π\\sqrt{λ} I) \\otimes (G + \\tfrac{\\sqrt{λ}}{π} I)\\big)^{-1}
+  \\operatorname{vec}(Γ)
+  = \\operatorname{vec}\\big((A + π\\sqrt{λ} I)^{-1}\\, Γ\\,
+    (G + \\tfrac{\\sqrt{λ}}{π} I)^{-1}\\big).
+
 ``A ⊗ G`` is never formed.
 
 References:
@@ -92,7 +103,20 @@ class EmbeddingFactors(NamedTuple):
   g_eigvecs: jax.Array  # (d, d) factor_dtype: eigenvectors of G.
 
 
-Factors = LayerFactors | EmbeddingFactors
+class InverseFactors(NamedTuple):
+  """Factor state for the π-corrected split: cached damped inverses.
+
+  Embeddings keep ``a`` and ``a_inv`` as vectors (diagonal ``A``).
+  """
+
+  a: jax.Array  # (d_in, d_in) or (vocab,) factor_dtype: EMA accumulator of A.
+  g: jax.Array  # (d_out, d_out) factor_dtype: EMA accumulator of G.
+  weight: jax.Array  # () factor_dtype: accumulated EMA weight, 1 - decay^k.
+  a_inv: jax.Array  # like a: (Ā + π√λ I)⁻¹ at the last refresh.
+  g_inv: jax.Array  # (d_out, d_out): (Ḡ + √λ/π I)⁻¹ at the last refresh.
+
+
+Factors = LayerFactors | EmbeddingFactors | InverseFactors
 
 
 def layer_key(path: LayerPath) -> str:
@@ -177,10 +201,17 @@ def layer_leaves(tree: Any, layers: dict[str, LayerSpec]) -> list[jax.Array]:
   return [leaves[i] for names in index.values() for i in names.values()]
 
 
-def init_factors(spec: LayerSpec, dtype: Any) -> Factors:
-  """Zero factors and identity eigenbases for one layer."""
+def init_factors(spec: LayerSpec, dtype: Any, exact_damping: bool = True
+                 ) -> Factors:
+  """Zero factors and identity eigenbases (or inverses) for one layer."""
   (d_a, *_), (d_g, _) = spec.factor_shapes
   zeros = lambda *shape: jnp.zeros(shape, dtype)
+  if not exact_damping:
+    a_shape = spec.factor_shapes[0]
+    a_eye = (jnp.ones(a_shape, dtype) if len(a_shape) == 1
+             else jnp.eye(d_a, dtype=dtype))
+    return InverseFactors(zeros(*a_shape), zeros(d_g, d_g), zeros(), a_eye,
+                          jnp.eye(d_g, dtype=dtype))
   g_parts = (zeros(d_g), jnp.eye(d_g, dtype=dtype))
   if spec.kind == "embed":
     return EmbeddingFactors(zeros(d_a), zeros(d_g, d_g), zeros(), zeros(d_a),
@@ -236,22 +267,74 @@ def update_factors(f: Factors, a: jax.Array, g: jax.Array,
 
 def refresh_eigh(f: Factors, min_eigenvalue: jax.Array) -> Factors:
   """Eigendecompositions of the bias-corrected factors, eigenvalues clipped."""
-  # Never-updated factors have weight 0 and are all zero: keep them finite.
-  weight = jnp.where(f.weight > 0, f.weight, jnp.ones_like(f.weight))
+  a, g = _corrected(f)
   floor = jnp.asarray(min_eigenvalue, f.a.dtype)
-  g_vals, g_vecs = jnp.linalg.eigh(f.g / weight)
+  g_vals, g_vecs = jnp.linalg.eigh(g)
   f = f._replace(g_eigvals=jnp.maximum(g_vals, floor), g_eigvecs=g_vecs)
   if isinstance(f, EmbeddingFactors):
-    return f._replace(a_eigvals=jnp.maximum(f.a / weight, floor))
-  a_vals, a_vecs = jnp.linalg.eigh(f.a / weight)
+    return f._replace(a_eigvals=jnp.maximum(a, floor))
+  a_vals, a_vecs = jnp.linalg.eigh(a)
   return f._replace(a_eigvals=jnp.maximum(a_vals, floor), a_eigvecs=a_vecs)
+
+
+def refresh(f: Factors, min_eigenvalue: jax.Array,
+            damping: jax.Array) -> Factors:
+  """The cached part of preconditioning: eigendecompositions or inverses.
+
+  ``damping`` is used only by :class:`InverseFactors`, whose inverses include
+  it; it is the damping of the refresh step until the next refresh.
+  """
+  if isinstance(f, InverseFactors):
+    return refresh_inverse(f, min_eigenvalue, damping)
+  return refresh_eigh(f, min_eigenvalue)
+
+
+def _corrected(f: Factors) -> tuple[jax.Array, jax.Array]:
+  """The bias-corrected averages ``Ā, Ḡ`` (zeros before the first update)."""
+  weight = jnp.where(f.weight > 0, f.weight, jnp.ones_like(f.weight))
+  return f.a / weight, f.g / weight
+
+
+def _damped_inverse(m: jax.Array, shift: jax.Array,
+                    floor: jax.Array) -> jax.Array:
+  """``(M + shift·I)⁻¹`` of a PSD ``M`` (a vector: diagonal) by Cholesky.
+
+  Cholesky costs a third of ``eigh``; when it fails (``M`` indefinite beyond
+  the shift, from round-off) the eigenvalues are clipped at ``floor`` instead.
+  """
+  if m.ndim == 1:
+    return 1 / (jnp.maximum(m, floor) + shift)
+  eye = jnp.eye(m.shape[0], dtype=m.dtype)
+  chol = jnp.linalg.cholesky(m + shift * eye)
+  inv = jax.scipy.linalg.cho_solve((chol, True), eye)
+
+  def by_eigh(_):
+    vals, vecs = jnp.linalg.eigh(m)
+    return (vecs / (jnp.maximum(vals, floor) + shift)) @ vecs.T
+
+  ok = jnp.all(jnp.isfinite(inv)) & (jnp.min(jnp.diagonal(chol)) > 0)
+  return jax.lax.cond(ok, lambda _: (inv + inv.T) / 2, by_eigh, None)
+
+
+def refresh_inverse(f: InverseFactors, min_eigenvalue: jax.Array,
+                    damping: jax.Array) -> InverseFactors:
+  """``(Ā + π√λ I)⁻¹`` and ``(Ḡ + √λ/π I)⁻¹`` (Martens & Grosse 2015, §6.3)."""
+  a, g = _corrected(f)
+  dtype = g.dtype
+  root = jnp.sqrt(jnp.asarray(damping, dtype))
+  a_diag = a if a.ndim == 1 else jnp.diagonal(a)
+  pi = pi_correction(a_diag, jnp.diagonal(g))
+  floor = jnp.asarray(min_eigenvalue, dtype)
+  return f._replace(a_inv=_damped_inverse(a, pi * root, floor),
+                    g_inv=_damped_inverse(g, root / pi, floor))
 
 
 def pi_correction(a_vals: jax.Array, g_vals: jax.Array) -> jax.Array:
   """``π = sqrt((tr A / dim A) / (tr G / dim G))``; 1 when either trace is 0.
 
-  Martens & Grosse 2015, §6.3: the factored damping
-  ``(A + π√λ I) ⊗ (G + √λ/π I)`` that minimises the norm of the error terms.
+  Takes the eigenvalues (or the diagonals) of ``A`` and ``G``. Martens &
+  Grosse 2015, §6.3: the factored damping ``(A + π√λ I) ⊗ (G + √λ/π I)`` that
+  minimises the norm of the error terms.
   """
   mean_a, mean_g = jnp.mean(a_vals), jnp.mean(g_vals)
   ok = (mean_a > 0) & (mean_g > 0)
@@ -259,35 +342,31 @@ def pi_correction(a_vals: jax.Array, g_vals: jax.Array) -> jax.Array:
   return jnp.sqrt(ratio)
 
 
-def _denominator(f: Factors, damping: jax.Array, exact: bool) -> jax.Array:
-  a_vals, g_vals = f.a_eigvals, f.g_eigvals
-  if exact:
-    return a_vals[:, None] * g_vals[None, :] + damping
-  pi = pi_correction(a_vals, g_vals)
-  root = jnp.sqrt(damping)
-  return (a_vals + pi * root)[:, None] * (g_vals + root / pi)[None, :]
-
-
-def precondition(f: Factors, grad: jax.Array, damping: jax.Array,
-                 exact_damping: bool) -> jax.Array:
+def precondition(f: Factors, grad: jax.Array, damping: jax.Array) -> jax.Array:
   """``(A ⊗ G + λI)⁻¹ vec(Γ)`` (or the π-split) as a ``(d_in, d_out)`` matrix.
 
+  Eigendecomposed factors give the exact damping, in four matmuls;
+  :class:`InverseFactors` the π-corrected split with the damping of their last
+  refresh, in two.
+
   Args:
-    f: the layer's factor state (its eigendecompositions are used).
+    f: the layer's factor state.
     grad: ``Γ``, the gradient of ``W̄``, shaped ``(d_in, d_out)``.
-    damping: ``λ``, a scalar.
-    exact_damping: ``True`` for ``A ⊗ G + λI``; ``False`` for
-      ``(A + π√λ I) ⊗ (G + √λ/π I)``.
+    damping: ``λ``, a scalar (unused by :class:`InverseFactors`).
 
   Returns:
     The preconditioned gradient, shaped and typed like ``grad``.
   """
+  if isinstance(f, InverseFactors):
+    x = grad.astype(f.g_inv.dtype)
+    x = f.a_inv[:, None] * x if f.a_inv.ndim == 1 else f.a_inv @ x
+    return (x @ f.g_inv).astype(grad.dtype)
   dtype = f.g_eigvecs.dtype
-  damping = jnp.asarray(damping, dtype)
   x = grad.astype(dtype) @ f.g_eigvecs
   if isinstance(f, LayerFactors):
     x = f.a_eigvecs.T @ x
-  x = x / _denominator(f, damping, exact_damping)
+  x = x / (f.a_eigvals[:, None] * f.g_eigvals[None, :]
+           + jnp.asarray(damping, dtype))
   if isinstance(f, LayerFactors):
     x = f.a_eigvecs @ x
   return (x @ f.g_eigvecs.T).astype(grad.dtype)

@@ -13,7 +13,7 @@ from _transform_helpers import (CE, kfac_state, loss_grads_blocks, make_step,
 from kronjax.linalg import Kron
 from kronjax.transform import kfac, scale_by_kfac
 
-MODES = pytest.mark.parametrize("learning_rate", [0.1, None],
+MODES = pytest.mark.parametrize("learning_rate", [0.3, None],
                                 ids=["fixed", "adaptive"])
 
 

@@ -12,7 +12,7 @@ import kronjax
 from _transform_helpers import CE, kfac_state, toy_data
 from kronjax.transform import kfac
 
-MODES = pytest.mark.parametrize("learning_rate", [0.1, None],
+MODES = pytest.mark.parametrize("learning_rate", [0.3, None],
                                 ids=["fixed", "adaptive"])
 
 

@@ -1,0 +1,140 @@
+"""The cheap paths of scale_by_kfac give what the plain ones give (float64).
+
+Tapes as ``curvature`` (blocks computed only on factor-update steps) and the
+π-split's cached damped inverses (Cholesky, with an eigh fallback).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kronjax
+import kronjax.flax
+from _transform_helpers import dense_solve, random_spd
+from kronjax.linalg import Kron
+from kronjax.transform import scale_by_kfac
+
+F64 = dict(factor_dtype=jnp.float64)
+
+
+class _Mlp(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.tanh(nn.Dense(5)(x))
+    return nn.Dense(3)(x)
+
+
+def _problem():
+  model = _Mlp()
+  x = jax.random.normal(jax.random.key(0), (16, 4), jnp.float64)
+  y = jax.random.randint(jax.random.key(1), (16,), 0, 3)
+  params = model.init(jax.random.key(2), x)["params"]
+  step = kronjax.flax.value_grad_and_tape(
+      model, kronjax.losses.softmax_cross_entropy, fisher="mc")
+  return step, params, x, y
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "pi_split"])
+def test_tapes_as_curvature_equal_blocks_every_step(exact):
+  step, params, x, y = _problem()
+  tx = scale_by_kfac(damping=0.1, decay=0.5, inverse_every=2, factor_every=2,
+                     exact_damping=exact, **F64)
+
+  @jax.jit
+  def both(state_tape, state_blocks, rng):
+    _, grads, tape = step(params, x, y, rng)
+    out_t, state_tape = tx.update(grads, state_tape, params, curvature=tape)
+    out_b, state_blocks = tx.update(grads, state_blocks, params,
+                                    curvature=kronjax.fisher_blocks(tape))
+    return out_t, out_b, state_tape, state_blocks
+
+  s_tape = s_blocks = tx.init(params)
+  for i in range(4):
+    out_t, out_b, s_tape, s_blocks = both(s_tape, s_blocks, jax.random.key(i))
+    # Same maths; XLA may fuse the einsums differently inside the cond.
+    close = lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-12,
+                                                    atol=1e-14)
+    jax.tree.map(close, out_t, out_b)
+    jax.tree.map(close, s_tape, s_blocks)
+  assert float(s_tape.factors["Dense_0"].weight) == 0.75  # steps 0 and 2
+
+
+def test_tape_with_a_foreign_layer_is_refused_at_trace_time():
+  step, params, x, y = _problem()
+  _, grads, tape = step(params, x, y, jax.random.key(0))
+  tx = scale_by_kfac(**F64)
+  other = {"Other": params["Dense_0"], "Dense_1": params["Dense_1"]}
+  with pytest.raises(ValueError, match=r"\('Dense_0',\).*not a layer"):
+    tx.update({"Other": grads["Dense_0"], "Dense_1": grads["Dense_1"]},
+              tx.init(other), other, curvature=tape)
+  with pytest.raises(ValueError, match="only Kron blocks or only LayerTapes"):
+    tx.update(grads, tx.init(params), params,
+              curvature={**tape, ("Dense_1",): kronjax.fisher_blocks(tape)[
+                  ("Dense_1",)]})
+
+
+def test_non_finite_tape_skips_the_step():
+  step, params, x, y = _problem()
+  _, grads, tape = step(params, x, y, jax.random.key(0))
+  tx = scale_by_kfac(**F64)
+  state = tx.init(params)
+  bad = dict(tape)
+  bad[("Dense_0",)] = jax.tree.map(lambda t: t.at[0].set(jnp.nan),
+                                   tape[("Dense_0",)])
+  out, new = tx.update(grads, state, params, curvature=bad)
+  assert int(new.skipped) == 1 and int(new.count) == 0
+  jax.tree.map(np.testing.assert_array_equal, new.factors, state.factors)
+  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(out))
+
+
+def test_pi_split_inverses_keep_the_damping_of_their_refresh():
+  rng = np.random.default_rng(0)
+  params = {"a": {"kernel": jnp.asarray(rng.normal(size=(3, 2))),
+                  "bias": jnp.zeros(2)}}
+  schedule = lambda count: 0.1 * (count + 1)
+  tx = scale_by_kfac(damping=schedule, decay=0.0, inverse_every=3,
+                     exact_damping=False, **F64)
+  update = jax.jit(tx.update)
+  state, used = tx.init(params), None
+  for step in range(4):
+    block = Kron(random_spd(rng, 4), random_spd(rng, 2))
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)),
+                         params)
+    out, state = update(grads, state, params, curvature={("a",): block})
+    if step % 3 == 0:
+      used = (*block.factors, schedule(step))
+    matrix = lambda t: np.concatenate([t["kernel"], t["bias"][None]])
+    np.testing.assert_allclose(
+        matrix(out["a"]),
+        dense_solve(*used[:2], matrix(grads["a"]), used[2], exact=False),
+        rtol=1e-9)
+
+
+def test_indefinite_factor_falls_back_to_clipped_eigenvalues():
+  # Round-off can make a factor slightly indefinite; Cholesky of A + π√λ I
+  # then fails and the eigenvalues are clipped at min_eigenvalue instead.
+  rng = np.random.default_rng(1)
+  q, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+  vals = np.array([2.0, 1.0, 0.5, -0.5])
+  a = q @ np.diag(vals) @ q.T
+  g = random_spd(rng, 2)
+  params = {"a": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)),
+                       params)
+  tx = scale_by_kfac(damping=1e-4, decay=0.0, exact_damping=False,
+                     min_eigenvalue=0.0, **F64)
+  out, _ = tx.update(grads, tx.init(params), params,
+                     curvature={("a",): Kron(jnp.asarray(a), g)})
+  clipped = q @ np.diag(np.maximum(vals, 0.0)) @ q.T
+  # π from the traces of the factors as given (clipping happens after).
+  pi = np.sqrt((np.trace(a) / 4) / (np.trace(g) / 2))
+  r = np.sqrt(1e-4)
+  m = np.kron(clipped + pi * r * np.eye(4), g + r / pi * np.eye(2))
+  matrix = np.concatenate([grads["a"]["kernel"], grads["a"]["bias"][None]])
+  expected = np.linalg.solve(m, matrix.reshape(-1)).reshape(4, 2)
+  got = np.concatenate([out["a"]["kernel"], out["a"]["bias"][None]])
+  assert np.all(np.isfinite(got))
+  np.testing.assert_allclose(got, expected, rtol=1e-8)
