@@ -14,6 +14,7 @@ from kronjax.blocks import layer_block as layer_block
 from kronjax.blocks import uncovered_parameters as uncovered_parameters
 from kronjax.tape import LayerTape as LayerTape
 from kronjax.transform import KfacState as KfacState
+from kronjax.transform import curvature_due as curvature_due
 from kronjax.transform import kfac as kfac
 from kronjax.transform import scale_by_kfac as scale_by_kfac
 
@@ -25,6 +26,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree
 __all__ = [
     "KfacState",
     "LayerTape",
+    "curvature_due",
     "fisher_blocks",
     "flax",
     "kfac",

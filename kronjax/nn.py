@@ -244,12 +244,13 @@ def value_grad_and_tape(
   Returns:
     ``fn(params, x, y, rng=None, **kwargs)`` returning the mean loss, its
     gradients w.r.t. ``params`` (same structure) and ``{layer_path:
-    LayerTape}``.
+    LayerTape}``. ``with_tape=False`` (or a traced false) skips the Fisher's
+    backward pass, as in ``kronjax.flax.value_grad_and_tape``.
   """
   check_fisher_mode(fisher, samples)
   wanted = wanted_layers(layers)
 
-  def fn(params, x, y, rng=None, **kwargs):
+  def fn(params, x, y, rng=None, *, with_tape=True, **kwargs):
 
     def run(p, perturbations):
       rec = Recorder(perturbations, wanted)
@@ -259,6 +260,6 @@ def value_grad_and_tape(
       return out, rec.inputs, rec.metas
 
     return value_grad_and_tape_from_run(run, loss, fisher, samples, params, y,
-                                        rng)
+                                        rng, with_tape=with_tape)
 
   return fn

@@ -104,7 +104,7 @@ def check_fisher_mode(fisher: str, samples: int) -> None:
 
 def value_grad_and_tape_from_run(
     run: Run, loss, fisher: str, samples: int, params, y, rng,
-    return_state: bool = False,
+    return_state: bool = False, with_tape: bool | jax.Array = True,
 ) -> tuple[jax.Array, Any, Tape] | tuple[jax.Array, Any, Tape, Any]:
   """Loss, gradients and tapes from one forward pass and two backward passes.
 
@@ -121,6 +121,11 @@ def value_grad_and_tape_from_run(
     rng: a PRNG key (required for ``"mc"``).
     return_state: also return the fourth item of ``run``'s result from the
       linearised pass.
+    with_tape: a bool or a traced boolean scalar; when false, the Fisher's
+      backward pass is skipped (under ``lax.cond``) and the tapes' output
+      gradients are zeros: for steps whose curvature the optimizer ignores
+      (see ``kronjax.curvature_due``), which then cost a plain
+      ``value_and_grad``.
 
   Returns:
     ``(loss_value, grads, tape)``, plus the run's state if ``return_state``.
@@ -163,11 +168,13 @@ def value_grad_and_tape_from_run(
   # Per-example gradients carry sqrt(N / M) so that G = sum_s mean_n g g^T is
   # the Fisher of the mean loss over M terms (M = N without extra dims).
   scale = jnp.sqrt(n / num_terms)
-  if fisher == "empirical":
-    # Reuse the loss pass: its output gradients are the per-term gradients / M.
-    fisher_grads = jax.tree_util.tree_map(
-        lambda g: (g * (num_terms * scale))[None], out_grads)
-  else:
+
+  def fisher_output_grads():
+    if fisher == "empirical":
+      # Reuse the loss pass: its output gradients are the per-term gradients
+      # / M.
+      return jax.tree_util.tree_map(
+          lambda g: (g * (num_terms * scale))[None], out_grads)
     if fisher == "mc":
       draws = loss.sample_targets(rng, out, samples)
       cot = jax.vmap(lambda t: loss.output_grad(out, t))(draws)
@@ -175,7 +182,16 @@ def value_grad_and_tape_from_run(
       cot = cot * (loss.mask(y)[None, ..., None] * scale / jnp.sqrt(samples))
     else:
       cot = loss.fisher_sqrt(out, y) * scale
-    fisher_grads = jax.vmap(lambda c: pullback(c.astype(out.dtype))[1])(cot)
+    return jax.vmap(lambda c: pullback(c.astype(out.dtype))[1])(cot)
+
+  if with_tape is True:
+    fisher_grads = fisher_output_grads()
+  else:
+    zeros = lambda: jax.tree_util.tree_map(
+        lambda s: jnp.zeros(s.shape, s.dtype),
+        jax.eval_shape(fisher_output_grads))
+    fisher_grads = jax.lax.cond(jnp.asarray(with_tape, bool),
+                                fisher_output_grads, zeros)
   tape = {path: _layer_tape(metas[path], inputs[path], fisher_grads[path], n)
           for path in metas}
   if return_state:

@@ -29,7 +29,7 @@ from kronjax.tape import LayerTape
 from kronjax._routing import all_finite, full_params_view, param_labels
 from kronjax._routing import skip_if_not_finite
 
-__all__ = ["KfacState", "kfac", "scale_by_kfac"]
+__all__ = ["KfacState", "curvature_due", "kfac", "scale_by_kfac"]
 
 _CURVATURE_HINT = (
     "pass curvature=kronjax.fisher_blocks(tape) to "
@@ -46,6 +46,41 @@ class KfacState(NamedTuple):
   prev_step: Any  # adaptive: params-shaped last step d (≥ factor_dtype); ().
   coefficients: jax.Array  # (2,) factor_dtype: (α, μ) of the last step;
   # fixed step: (norm-constraint scale, 0).
+  curvature_due: jax.Array  # () bool: the next update uses its curvature
+  # (count % factor_every == 0); see curvature_due().
+
+
+def curvature_due(opt_state: Any) -> jax.Array:
+  """Whether the next K-FAC update uses the curvature it is given.
+
+  Finds the :class:`KfacState` (s) inside any optax state. With
+  ``factor_every=k`` only every k-th update reads its ``curvature``; pass this
+  as ``with_tape=`` to the tape function so the steps in between skip the
+  Fisher's backward pass (and ``fisher_blocks``, given the tapes as
+  ``curvature``) and cost about a plain ``value_and_grad``::
+
+    loss, grads, tape = step(params, x, y, rng,
+                             with_tape=kronjax.curvature_due(opt_state))
+    updates, opt_state = tx.update(grads, opt_state, params, curvature=tape)
+
+  Args:
+    opt_state: the state of ``scale_by_kfac``, ``kfac`` or any chain or
+      wrapper holding them.
+
+  Returns:
+    A boolean scalar (``True`` if any K-FAC state in ``opt_state`` is due).
+
+  Raises:
+    ValueError: ``opt_state`` holds no K-FAC state.
+  """
+  is_kfac = lambda x: isinstance(x, KfacState)
+  flags = [s.curvature_due for s in jax.tree.leaves(opt_state, is_leaf=is_kfac)
+           if is_kfac(s)]
+  if not flags:
+    raise ValueError("curvature_due found no KfacState in opt_state: pass the "
+                     "state of kronjax.kfac / scale_by_kfac (or of a chain "
+                     "holding one).")
+  return jnp.any(jnp.stack(flags))
 
 
 def _value(x: ScalarOrSchedule, count: jax.Array) -> Any:
@@ -181,7 +216,8 @@ def scale_by_kfac(
         damping=jnp.asarray(_value(damping, jnp.zeros([], jnp.int32)),
                             factor_dtype),
         factors=factors, prev_step=prev_step,
-        coefficients=jnp.zeros((2,), factor_dtype))
+        coefficients=jnp.zeros((2,), factor_dtype),
+        curvature_due=jnp.asarray(True))
 
   def update_fn(updates, state, params=None, *, curvature=None,
                 output_fn=None, targets=None, **extra_args):
@@ -221,12 +257,14 @@ def scale_by_kfac(
           [scale, jnp.zeros_like(scale)]).astype(factor_dtype))
     keep = lambda n, o: jnp.where(ok, n, o)
     out = jax.tree.map(lambda u: keep(u, jnp.zeros_like(u)), out)
+    new_count = keep(optax.safe_int32_increment(count), count)
     return out, KfacState(
-        count=keep(optax.safe_int32_increment(count), count),
+        count=new_count,
         skipped=state.skipped + (~ok).astype(jnp.int32),
         damping=keep(new.damping, state.damping), factors=factors,
         prev_step=jax.tree.map(keep, new.prev_step, state.prev_step),
-        coefficients=keep(new.coefficients, state.coefficients))
+        coefficients=keep(new.coefficients, state.coefficients),
+        curvature_due=new_count % factor_every == 0)
 
   def _norm_constrained(grads, precond, covered, count):
     scale = jnp.ones([], factor_dtype)

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import kronjax
@@ -138,3 +139,55 @@ def test_indefinite_factor_falls_back_to_clipped_eigenvalues():
   got = np.concatenate([out["a"]["kernel"], out["a"]["bias"][None]])
   assert np.all(np.isfinite(got))
   np.testing.assert_allclose(got, expected, rtol=1e-8)
+
+
+def test_with_tape_false_skips_only_the_fisher_pass():
+  step, params, x, y = _problem()
+  full = jax.jit(step)(params, x, y, jax.random.key(3))
+  for flag in (jnp.asarray(True), jnp.asarray(False)):
+    value, grads, tape = jax.jit(
+        lambda f: step(params, x, y, jax.random.key(3), with_tape=f))(flag)
+    np.testing.assert_allclose(value, full[0], rtol=1e-12)
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-12),
+                 grads, full[1])
+    for path, layer in tape.items():
+      np.testing.assert_allclose(layer.inputs, full[2][path].inputs)
+      expected = full[2][path].output_grads if flag else 0.0
+      np.testing.assert_allclose(layer.output_grads, expected, rtol=1e-12,
+                                 atol=0)
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
+def test_skipping_tapes_between_factor_updates_changes_nothing(adaptive):
+  step, params, x, y = _problem()
+  model, loss = _Mlp(), kronjax.losses.softmax_cross_entropy
+  tx = kronjax.kfac(None if adaptive else 0.1, loss=loss, factor_every=3,
+                    inverse_every=2, **F64)
+
+  def train(skip):
+    @jax.jit
+    def one(p, s, rng):
+      due = kronjax.curvature_due(s) if skip else True
+      _, grads, tape = step(p, x, y, rng, with_tape=due)
+      updates, s = tx.update(
+          grads, s, p, curvature=tape, targets=y,
+          output_fn=lambda q: model.apply({"params": q}, x))
+      return optax.apply_updates(p, updates), s, due
+
+    p, s, flags = params, tx.init(params), []
+    for i in range(7):
+      p, s, due = one(p, s, jax.random.key(i))
+      flags.append(bool(due))
+    return p, s, flags
+
+  p_skip, s_skip, flags = train(True)
+  p_full, s_full, _ = train(False)
+  assert flags == [True, False, False, True, False, False, True]
+  close = lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-10, atol=1e-12)
+  jax.tree.map(close, p_skip, p_full)
+  jax.tree.map(close, s_skip, s_full)
+
+
+def test_curvature_due_needs_a_kfac_state():
+  with pytest.raises(ValueError, match="no KfacState"):
+    kronjax.curvature_due(optax.adam(1e-3).init({"w": jnp.ones(2)}))

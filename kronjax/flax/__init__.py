@@ -71,7 +71,11 @@ def value_grad_and_tape(
     as ``nnx.value_and_grad`` would (use ``nnx.jit``, or split and merge
     around ``jax.jit``, to keep the update).
     Either returns the mean loss, its gradients and ``{layer_path: LayerTape}``,
-    ready for ``kronjax.fisher_blocks``. NNX layer paths are the modules'
+    ready for ``kronjax.fisher_blocks``. The keyword ``with_tape`` (default
+    ``True``; a traced bool works, e.g. ``kronjax.curvature_due(opt_state)``)
+    skips the Fisher's backward pass when false, leaving zero output
+    gradients in the tapes: with ``factor_every=k`` the steps in between then
+    cost a plain ``value_and_grad``. NNX layer paths are the modules'
     paths in the state, e.g. ``("layers", 0)`` for
     ``state["layers"][0]["kernel"]``.
 
@@ -89,12 +93,13 @@ def value_grad_and_tape(
           "method= is for linen models; for an NNX model call the method in "
           "a small nnx.Module wrapper, or pass keyword arguments to fn.")
 
-    def nnx_fn(module, x, y, rng=None, **call_kwargs):
+    def nnx_fn(module, x, y, rng=None, *, with_tape=True, **call_kwargs):
       _check_batch(x, y)
       graphdef, params, rest = split_params(module)
       run = nnx_run(graphdef, rest, x, wanted, **call_kwargs)
       value, grads, tape, new_rest = value_grad_and_tape_from_run(
-          run, loss, fisher, samples, params, y, rng, return_state=True)
+          run, loss, fisher, samples, params, y, rng, return_state=True,
+          with_tape=with_tape)
       # Like nnx.value_and_grad: batch statistics and RNG counts advance.
       nnx.update(module, new_rest)
       return value, grads, tape
@@ -106,11 +111,11 @@ def value_grad_and_tape(
         f"nnx.Module; got {type(model).__name__}. For a plain apply(params, x) "
         "function, use kronjax.nn.value_grad_and_tape with kronjax.nn layers.")
 
-  def fn(params, x, y, rng=None, **apply_kwargs):
+  def fn(params, x, y, rng=None, *, with_tape=True, **apply_kwargs):
     _check_batch(x, y)
     run = linen_run(model, x, wanted, method=method, **apply_kwargs)
     return value_grad_and_tape_from_run(run, loss, fisher, samples, params, y,
-                                        rng)
+                                        rng, with_tape=with_tape)
 
   return fn
 
