@@ -21,20 +21,16 @@ import jax.numpy as jnp
 import optax
 from optax import GradientTransformationExtraArgs, ScalarOrSchedule
 
-from kronjax import _placement
 from kronjax import _precondition as pre
 from kronjax import _quadratic as quad
-from kronjax.blocks import fisher_blocks
-from kronjax.tape import LayerTape
+from kronjax._curvature import CURVATURE_HINT as _CURVATURE_HINT
+from kronjax._curvature import checked_blocks as _checked_blocks
+from kronjax._curvature import maintain_factors as _maintain_factors
+from kronjax._curvature import precondition_tree as _precondition_tree
 from kronjax._routing import all_finite, full_params_view, param_labels
 from kronjax._routing import skip_if_not_finite
 
 __all__ = ["KfacState", "curvature_due", "kfac", "scale_by_kfac"]
-
-_CURVATURE_HINT = (
-    "pass curvature=kronjax.fisher_blocks(tape) to "
-    "tx.update(grads, opt_state, params, curvature=...)")
-
 
 class KfacState(NamedTuple):
   """State of :func:`scale_by_kfac`; a pytree of arrays (msgpack/orbax-safe)."""
@@ -178,10 +174,9 @@ def scale_by_kfac(
       needs the extra arguments ``output_fn`` and ``targets``.
     damping_adaptation_interval: ``T`` of Levenberg–Marquardt (adaptive mode).
     damping_bounds: ``(min, max)`` of the adapted damping. The floor matters:
-      with 1e-8 Levenberg–Marquardt drove ``λ`` there on a plateau-free
-      stretch of the digits autoencoder and a later step blew up on 1 of 4
-      seeds (and 1 of 2 in the benchmark); 1e-5 (kfac-jax's benchmark value)
-      kept all stable and ended lower (13.98 vs 14.3).
+      on the digits autoencoder Levenberg–Marquardt drove ``λ`` down to a
+      floor of 1e-8 and a later step blew up (1 of 4 seeds); with 1e-5 every
+      seed stayed stable and ended lower (13.98 against 14.3).
     inverse_mesh: refresh each layer's eigendecompositions (or inverses) on
       one device of this mesh's ``inverse_axis`` and share the results (KAISA
       placement, Pauloski et al. 2021); ``None``: every device refreshes all.
@@ -312,73 +307,6 @@ def scale_by_kfac(
     return jax.lax.cond(due, lm, lambda lam: lam, lam)
 
   return GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _checked_blocks(curvature, layers, factors):
-  """A function computing ``{key: (A, G)}``, and the keys; checked at trace.
-
-  ``curvature`` holds blocks, or tapes whose blocks are computed only when the
-  factors are updated (inside that ``lax.cond``: ``factor_every > 1`` then
-  skips the factors' einsums too).
-  """
-  if not isinstance(curvature, dict):
-    raise ValueError(f"curvature must be a dict {{layer_path: Kron(A, G)}}; "
-                     f"got {type(curvature).__name__}: {_CURVATURE_HINT}.")
-  tapes = [isinstance(v, LayerTape) for v in curvature.values()]
-  if any(tapes) and not all(tapes):
-    raise ValueError("curvature must hold only Kron blocks or only "
-                     "LayerTapes, not both.")
-  compute = ((lambda: fisher_blocks(curvature)) if any(tapes)
-             else (lambda: curvature))
-  shapes = jax.eval_shape(compute) if any(tapes) else curvature
-  keys = {}
-  for path, block in shapes.items():
-    path = tuple(path.split("/")) if isinstance(path, str) else tuple(path)
-    a, g = block.factors
-    spec = pre.check_block(path, layers, a, g)
-    key = pre.layer_key(spec.path)
-    if key not in factors:
-      raise ValueError(f"Layer {path} has a block but was not in the params "
-                       f"given to init; known layers: {list(factors)}.")
-    keys[key] = path
-
-  def blocks_fn():
-    blocks = compute()
-    by_path = {(tuple(p.split("/")) if isinstance(p, str) else tuple(p)): b
-               for p, b in blocks.items()}
-    return {key: by_path[path].factors for key, path in keys.items()}
-
-  return blocks_fn, list(keys)
-
-
-def _maintain_factors(factors, blocks_fn, keys, decay, min_eigenvalue,
-                      damping, update_now, refresh_now, inverse_mesh=None,
-                      inverse_axis="data"):
-  """Moving averages and eigendecompositions of the layers with blocks."""
-  sub = {key: factors[key] for key in keys}
-
-  def update(fs):
-    blocks = blocks_fn()
-    return {k: pre.update_factors(f, *blocks[k], decay) for k, f in fs.items()}
-
-  sub = jax.lax.cond(update_now, update, lambda fs: fs, sub)
-  sub = jax.lax.cond(
-      refresh_now,
-      lambda fs: _placement.refresh_distributed(
-          fs, lambda f: pre.refresh(f, min_eigenvalue, damping),
-          inverse_mesh, inverse_axis),
-      lambda fs: fs, sub)
-  return {**factors, **sub}
-
-
-def _precondition_tree(grads, covered, factors, damping):
-  def layer(key, leaves):
-    gamma = pre.to_matrix(covered[key], leaves,
-                          jnp.result_type(*leaves.values()))
-    p = pre.precondition(factors[key], gamma, damping)
-    return pre.from_matrix(covered[key], p, leaves)
-
-  return pre.map_layers(layer, grads, covered)
 
 
 def kfac(
