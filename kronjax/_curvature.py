@@ -38,22 +38,20 @@ def checked_blocks(curvature, layers, factors):
   compute = ((lambda: fisher_blocks(curvature)) if any(tapes)
              else (lambda: curvature))
   shapes = jax.eval_shape(compute) if any(tapes) else curvature
-  keys = {}
-  for path, block in shapes.items():
-    path = tuple(path.split("/")) if isinstance(path, str) else tuple(path)
+  keys = {}  # state key -> the key of its block in compute()'s dict
+  for given, block in shapes.items():
+    path = tuple(given.split("/")) if isinstance(given, str) else tuple(given)
     a, g = block.factors
     spec = pre.check_block(path, layers, a, g)
     key = pre.layer_key(spec.path)
     if key not in factors:
       raise ValueError(f"Layer {path} has a block but was not in the params "
                        f"given to init; known layers: {list(factors)}.")
-    keys[key] = path
+    keys[key] = given
 
   def blocks_fn():
     blocks = compute()
-    by_path = {(tuple(p.split("/")) if isinstance(p, str) else tuple(p)): b
-               for p, b in blocks.items()}
-    return {key: by_path[path].factors for key, path in keys.items()}
+    return {key: blocks[given].factors for key, given in keys.items()}
 
   return blocks_fn, list(keys)
 

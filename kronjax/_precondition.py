@@ -204,11 +204,11 @@ def layer_leaves(tree: Any, layers: dict[str, LayerSpec]) -> list[jax.Array]:
 def init_factors(spec: LayerSpec, dtype: Any, exact_damping: bool = True
                  ) -> Factors:
   """Zero factors and identity eigenbases (or inverses) for one layer."""
-  (d_a, *_), (d_g, _) = spec.factor_shapes
+  a_shape, (d_g, _) = spec.factor_shapes
+  d_a = a_shape[0]
   zeros = lambda *shape: jnp.zeros(shape, dtype)
   if not exact_damping:
-    a_shape = spec.factor_shapes[0]
-    a_eye = (jnp.ones(a_shape, dtype) if len(a_shape) == 1
+    a_eye = (jnp.ones(d_a, dtype) if spec.kind == "embed"
              else jnp.eye(d_a, dtype=dtype))
     return InverseFactors(zeros(*a_shape), zeros(d_g, d_g), zeros(), a_eye,
                           jnp.eye(d_g, dtype=dtype))

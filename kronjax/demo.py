@@ -9,9 +9,7 @@ Trains two models on scikit-learn's bundled 8×8 digits with ``kronjax.kfac``
 * a small CNN classifier (two ``nn.Conv`` layers and an ``nn.Dense``), softmax
   cross-entropy, test accuracy on a held-out fifth of the digits.
 
-Both use ``kronjax.kfac``'s defaults; the step skips the Fisher's backward pass
-whenever the optimizer will not read the curvature (``with_tape=
-kronjax.curvature_due(opt_state)``, a no-op at the default ``factor_every=1``).
+Both use ``kronjax.kfac``'s defaults, with the tapes passed as ``curvature``.
 
 K-FAC runs ``--steps`` steps; each Adam learning rate runs as many, and the
 best of them (lowest training loss after those steps) then keeps going until it
@@ -142,8 +140,7 @@ def kfac_step(task: Task):
 
   @jax.jit
   def step(params, opt_state, x, y, rng):
-    value, grads, tape = tape_step(
-        params, x, y, rng, with_tape=kronjax.curvature_due(opt_state))
+    value, grads, tape = tape_step(params, x, y, rng)
     updates, opt_state = tx.update(
         grads, opt_state, params, curvature=tape,
         output_fn=lambda p: task.model.apply({"params": p}, x), targets=y)
