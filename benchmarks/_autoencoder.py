@@ -24,6 +24,11 @@ optimizer sees the same batch sequence for a given seed.
 
 from __future__ import annotations
 
+import json
+import pathlib
+import tempfile
+from typing import Any, Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -149,7 +154,6 @@ def kronjax_source() -> dict:
   work; the SHA-256 of ``git diff HEAD -- kronjax`` identifies it.
   """
   import hashlib  # pylint: disable=import-outside-toplevel
-  import pathlib  # pylint: disable=import-outside-toplevel
   import subprocess  # pylint: disable=import-outside-toplevel
   root = pathlib.Path(__file__).resolve().parent.parent
 
@@ -166,3 +170,59 @@ def kronjax_source() -> dict:
         diff_sha256=hashlib.sha256(diff.encode()).hexdigest() if diff else None)
   except Exception as e:  # pylint: disable=broad-except  (no git, not a clone)
     return dict(error=repr(e))
+
+
+def source_line(env: dict) -> str:
+  """Which kronjax code was measured (commit, uncommitted changes)."""
+  src = env.get("kronjax_source") or {}
+  if "commit" not in src:
+    return f"kronjax source: unknown ({src.get('error', 'not recorded')})."
+  line = f"kronjax source: commit `{src['commit'][:10]}`"
+  if src.get("uncommitted"):
+    line += (f" plus uncommitted changes to {', '.join(src['uncommitted'])} "
+             f"(`git diff HEAD -- kronjax` SHA-256 `{src['diff_sha256'][:12]}`)")
+  return line + "."
+
+
+def environment_lines(env: dict, total_seconds: float, fairer: str) -> list[str]:
+  """The report's closing lines: versions, run time, load, measured source.
+
+  Args:
+    env: the run's environment (``python``, ``versions``, ``cpus``, the load
+      averages at the start and the end, ``kronjax_source``).
+    total_seconds: the whole run's duration.
+    fairer: what keeps the ratios fair, e.g. ``"interleaving keeps"``.
+  """
+  return [
+      "", f"Environment: Python {env['python']}, " + ", ".join(
+          f"{k} {v}" for k, v in env["versions"].items() if v) +
+      f"; whole run {total_seconds:.0f} s. The machine is shared with "
+      f"other jobs, so absolute times are noisy; {fairer} the ratios fairer "
+      f"(1-minute load average {env['load_average_at_start'][0]:.1f} at the "
+      f"start, {env['load_average'][0]:.1f} at the end, on {env['cpus']} "
+      f"cores).", "", source_line(env), ""]
+
+
+def output_dir(out: pathlib.Path | None, quick: bool,
+               results: pathlib.Path) -> pathlib.Path:
+  """``out``, else ``results`` (a temporary folder for ``--quick``), created."""
+  if out is None:
+    out = (pathlib.Path(tempfile.gettempdir()) / "kronjax_bench_quick"
+           if quick else results)
+  out.mkdir(parents=True, exist_ok=True)
+  return out
+
+
+def write_report(out: pathlib.Path, stem: str, res: dict,
+                 write_markdown: Callable[[pathlib.Path, dict], Any],
+                 plot: Callable[[pathlib.Path, dict], Any]) -> None:
+  """Writes ``out/stem.{json,md,png}`` (raw numbers, report, plot)."""
+  (out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str))
+  write_markdown(out / f"{stem}.md", res)
+  plot(out / f"{stem}.png", res)
+
+
+def print_report(out: pathlib.Path, stem: str) -> None:
+  """Prints the Markdown report and where the results are."""
+  print((out / f"{stem}.md").read_text())
+  print(f"wrote {out / stem}.{{json,md,png}}")

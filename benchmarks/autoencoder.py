@@ -58,14 +58,12 @@ import argparse
 import dataclasses
 import functools
 import inspect
-import json
 import math
 import os
 import pathlib
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -597,16 +595,10 @@ def main(argv=None):
              fixed_dampings=FIXED_DAMPINGS,
              environment=env, summary=summary, runs=runs,
              total_seconds=time.perf_counter() - t_start)
-  if args.out is None:
-    args.out = (pathlib.Path(tempfile.gettempdir()) / "kronjax_bench_quick"
-                if args.quick else RESULTS)
-  args.out.mkdir(parents=True, exist_ok=True)
+  out = ae.output_dir(args.out, args.quick, RESULTS)
   stem = "autoencoder_quick" if args.quick else "autoencoder"
-  (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str))
-  write_markdown(args.out / f"{stem}.md", res)
-  plot(args.out / f"{stem}.png", res)
-  print((args.out / f"{stem}.md").read_text())
-  print(f"wrote {args.out / stem}.{{json,md,png}}")
+  ae.write_report(out, stem, res, write_markdown, plot)
+  ae.print_report(out, stem)
 
 
 if __name__ == "__main__":

@@ -57,13 +57,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import pathlib
 import statistics
 import sys
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -434,27 +432,9 @@ def write_markdown(path: pathlib.Path, res: dict) -> None:
       lines.append(f"- {r['optimizer']}: {r['settings']}")
     else:
       lines.append(f"- {r['optimizer']}: skipped: {r['skipped']}")
-  lines += [
-      "", f"Environment: Python {env['python']}, " + ", ".join(
-          f"{k} {v}" for k, v in env["versions"].items() if v) +
-      f"; whole run {res['total_seconds']:.0f} s. The machine is shared with "
-      f"other jobs, so absolute times are noisy; interleaving keeps the ratios "
-      f"fairer (1-minute load average {env['load_average_at_start'][0]:.1f} at "
-      f"the start, {env['load_average'][0]:.1f} at the end, on "
-      f"{env['cpus']} cores).", "", source_line(env), ""]
+  lines += ae.environment_lines(env, res["total_seconds"],
+                                "interleaving keeps")
   path.write_text("\n".join(lines))
-
-
-def source_line(env: dict) -> str:
-  """Which kronjax code was measured (commit, uncommitted changes)."""
-  src = env.get("kronjax_source") or {}
-  if "commit" not in src:
-    return f"kronjax source: unknown ({src.get('error', 'not recorded')})."
-  line = f"kronjax source: commit `{src['commit'][:10]}`"
-  if src.get("uncommitted"):
-    line += (f" plus uncommitted changes to {', '.join(src['uncommitted'])} "
-             f"(`git diff HEAD -- kronjax` SHA-256 `{src['diff_sha256'][:12]}`)")
-  return line + "."
 
 
 def plot(path: pathlib.Path, res: dict) -> None:
@@ -543,16 +523,10 @@ def main(argv=None):
       curves={c.label: runs[c.label]["losses"] for c in cfgs},
       block_seconds={c.label: runs[c.label]["block_s"] for c in cfgs},
       total_seconds=time.perf_counter() - t_start)
-  if args.out is None:
-    args.out = (pathlib.Path(tempfile.gettempdir()) / "kronjax_bench_quick"
-                if args.quick else RESULTS)
-  args.out.mkdir(parents=True, exist_ok=True)
+  out = ae.output_dir(args.out, args.quick, RESULTS)
   stem = "mnist_autoencoder_quick" if args.quick else "mnist_autoencoder"
-  (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str))
-  write_markdown(args.out / f"{stem}.md", res)
-  plot(args.out / f"{stem}.png", res)
-  print((args.out / f"{stem}.md").read_text())
-  print(f"wrote {args.out / stem}.{{json,md,png}}")
+  ae.write_report(out, stem, res, write_markdown, plot)
+  ae.print_report(out, stem)
 
 
 if __name__ == "__main__":

@@ -61,13 +61,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import pathlib
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -89,7 +87,6 @@ import kronjax.flax  # pylint: disable=wrong-import-position
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _autoencoder as ae  # pylint: disable=wrong-import-position  (kronjax_source)
-from mnist_autoencoder import source_line  # pylint: disable=wrong-import-position
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 INVERSE_EVERY = 10     # kronjax's default inverse_every; kfac-jax inverse_update_period
@@ -408,15 +405,8 @@ def write_markdown(path: pathlib.Path, res: dict) -> None:
             for n, v in t.items()) + "; compile s: " + ", ".join(
                 f"{n} {v['compile_s']:.1f}" for n, v in t.items()) +
         ("; " + "; ".join(r["notes"]) if r["notes"] else ""))
-  lines += [
-      "", f"Environment: Python {env['python']}, " + ", ".join(
-          f"{k} {v}" for k, v in env["versions"].items() if v) +
-      f"; whole run {res['total_seconds']:.0f} s. The machine is shared with "
-      f"other jobs, so absolute times are noisy; the interleaved rounds keep "
-      f"the ratios fairer (1-minute load average "
-      f"{env['load_average_at_start'][0]:.1f} at the start, "
-      f"{env['load_average'][0]:.1f} at the end, on {env['cpus']} cores).", "",
-      source_line(env), ""]
+  lines += ae.environment_lines(env, res["total_seconds"],
+                                "the interleaved rounds keep")
   path.write_text("\n".join(lines))
 
 
@@ -496,10 +486,7 @@ def main(argv=None):
   source = ae.kronjax_source()   # before measuring: the code that is measured
   if kfac_jax is None:
     print(f"[skip] kfac-jax: {KFAC_JAX_ERROR}", flush=True)
-  if args.out is None:
-    args.out = (pathlib.Path(tempfile.gettempdir()) / "kronjax_bench_quick"
-                if args.quick else RESULTS)
-  args.out.mkdir(parents=True, exist_ok=True)
+  out = ae.output_dir(args.out, args.quick, RESULTS)
   stem = "scaling_quick" if args.quick else "scaling"
   command = "python benchmarks/scaling.py " + " ".join(
       sys.argv[1:] if argv is None else argv)
@@ -519,12 +506,7 @@ def main(argv=None):
         timed_max_width=args.timed_max_width, point_budget=args.point_budget,
         cycle_cap=args.cycle_cap, width_sweep=width_rows, batch_sweep=batch_rows,
         environment=env, total_seconds=time.perf_counter() - t_start)
-    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str))
-    write_markdown(args.out / f"{stem}.md", res)
-    try:
-      plot(args.out / f"{stem}.png", res)
-    except Exception as e:  # pylint: disable=broad-except  (a plot never stops a run)
-      print(f"[plot failed] {e!r}", flush=True)
+    ae.write_report(out, stem, res, write_markdown, plot_or_warn)
 
   # Cheapest first (the batch sweep, then widths upwards), saving after each
   # point, so that an interrupted run still leaves every finished point.
@@ -543,8 +525,15 @@ def main(argv=None):
     done[key] = row
     save(complete=False)
   save(complete=True)
-  print((args.out / f"{stem}.md").read_text())
-  print(f"wrote {args.out / stem}.{{json,md,png}}")
+  ae.print_report(out, stem)
+
+
+def plot_or_warn(path: pathlib.Path, res: dict) -> None:
+  """:func:`plot`, reporting a failure instead of stopping the run."""
+  try:
+    plot(path, res)
+  except Exception as e:  # pylint: disable=broad-except  (a plot never stops a run)
+    print(f"[plot failed] {e!r}", flush=True)
 
 
 if __name__ == "__main__":
