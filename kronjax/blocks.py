@@ -91,19 +91,32 @@ def layer_block(
         f"Layer {path}: inputs of shape {a.shape} do not match output_grads of "
         f"shape {g.shape}; expected (N, T, d_in) = ({n}, {positions}, d_in).")
   if t.has_bias:
-    a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
+    a = jnp.concatenate([a, jnp.ones_like(a[..., :1])], axis=-1)
   if weight_sharing == "reduce":
     a_hat = a.mean(axis=1)
     g_hat = g.sum(axis=2)
-    return Kron(a_hat.T @ a_hat / n,
-                jnp.einsum("sni,snj->ij", g_hat, g_hat) / n)
+    return Kron(_gram(a_hat) / n,
+                _gram(g_hat.reshape(-1, g_hat.shape[-1])) / n)
   a2 = a.reshape(-1, a.shape[-1])
-  return Kron(a2.T @ a2 / a2.shape[0], _expand_g(g, n))
+  return Kron(_gram(a2) / a2.shape[0], _expand_g(g, n))
 
 
 def _expand_g(g: jax.Array, n: int) -> jax.Array:
-  g2 = g.reshape(-1, g.shape[-1])
-  return g2.T @ g2 / n
+  return _gram(g.reshape(-1, g.shape[-1])) / n
+
+
+def _gram(x: jax.Array) -> jax.Array:
+  """``xᵀx``: a sum over rows, which may be split over a mesh's batch axis.
+
+  Under ``jax.sharding.AxisType.Explicit`` mesh axes JAX asks what sharding a
+  contraction over a sharded axis yields: replicated, as a factor is a sum
+  over the whole batch (an all-reduce). Elsewhere XLA infers the same.
+  """
+  mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+  out = None
+  if getattr(mesh, "explicit_axes", ()):
+    out = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jnp.matmul(x.T, x, out_sharding=out)
 
 
 def uncovered_parameters(params: Any, layers) -> list[tuple[str, ...]]:
