@@ -56,31 +56,71 @@ def checked_blocks(curvature, layers, factors):
   return blocks_fn, list(keys)
 
 
+def init_factors(layers, dtype, exact_damping, mesh=None, axis="data",
+                 shard=False):
+  """Each layer's initial factor state; with ``shard``, split over ``mesh``."""
+  factors = {key: pre.init_factors(spec, dtype, exact_damping)
+             for key, spec in layers.items()}
+  if not shard:
+    return factors
+  n = _placement.axis_size(mesh, axis)
+  return _placement.shard_rows(
+      {k: _placement.pad_layer(f, n) for k, f in factors.items()}, mesh, axis)
+
+
 def maintain_factors(factors, blocks_fn, keys, decay, min_eigenvalue,
-                      damping, update_now, refresh_now, inverse_mesh=None,
-                      inverse_axis="data"):
-  """Moving averages and eigendecompositions of the layers with blocks."""
+                     damping, update_now, refresh_now, layers, mesh=None,
+                     axis="data", shard=False):
+  """Moving averages and eigendecompositions of the layers with blocks.
+
+  With ``shard`` the factors are stored padded and split by rows over the
+  mesh axis (``_placement.pad_layer``); they stay so.
+  """
   sub = {key: factors[key] for key in keys}
+  sizes = None
+  if shard:
+    sizes = {k: (layers[k].factor_shapes[0][0], layers[k].factor_shapes[1][0])
+             for k in keys}
+    sub = _placement.shard_rows(sub, mesh, axis)  # were they given otherwise
 
   def update(fs):
     blocks = blocks_fn()
+    if shard:  # summed over the batch first: XLA must not split the tapes
+      blocks = _placement.replicate(blocks, mesh)
     return {k: pre.update_factors(f, *blocks[k], decay) for k, f in fs.items()}
 
   sub = jax.lax.cond(update_now, update, lambda fs: fs, sub)
   sub = jax.lax.cond(
       refresh_now,
       lambda fs: _placement.refresh_distributed(
-          fs, lambda f: pre.refresh(f, min_eigenvalue, damping),
-          inverse_mesh, inverse_axis),
+          fs, lambda f: pre.refresh(f, min_eigenvalue, damping), mesh, axis,
+          sizes),
       lambda fs: fs, sub)
+  if shard:
+    sub = _placement.shard_rows(sub, mesh, axis)
   return {**factors, **sub}
 
 
-def precondition_tree(grads, covered, factors, damping):
+def precondition_tree(grads, covered, factors, damping, mesh=None,
+                      axis="data", shard=False):
+  """Each covered layer's gradient, preconditioned.
+
+  With ``shard`` the matmuls are partitioned like the factors, and the
+  results are gathered (replicated over the mesh): the updates, and so the
+  params they are added to, must not inherit the factors' split.
+  """
   def layer(key, leaves):
+    f = factors[key]
     gamma = pre.to_matrix(covered[key], leaves,
                           jnp.result_type(*leaves.values()))
-    p = pre.precondition(factors[key], gamma, damping)
+    # Stored factors may be zero-padded (sharded storage): pad Γ alike.
+    rows = f.a.shape[0] if f.a.ndim == 2 else gamma.shape[0]
+    padded = jnp.pad(gamma, [(0, rows - gamma.shape[0]),
+                             (0, f.g.shape[0] - gamma.shape[1])])
+    p = pre.precondition(f, padded, damping)
+    if shard:
+      p = _placement.replicate(p, mesh)
+    p = p[:gamma.shape[0], :gamma.shape[1]]
     return pre.from_matrix(covered[key], p, leaves)
 
   return pre.map_layers(layer, grads, covered)

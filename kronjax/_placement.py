@@ -1,22 +1,36 @@
 """Distributed refreshes of the factors' eigendecompositions (KAISA placement).
 
-The refresh is K-FAC's one step whose cost grows as ``d³`` per layer, and
-plain data parallelism repeats it on every device. Here each layer's refresh
-is assigned to one device of a mesh axis (greedy: the largest layer first, to
-the least loaded device), computed only there, and shared by an all-reduce
-of the results, the other devices contributing zeros:
+The refresh is K-FAC's one step whose cost grows as ``d³`` per factor, and
+plain data parallelism repeats it on every device. Here each factor's refresh
+(``A``'s or ``G``'s of a layer) is assigned to one device of a mesh axis
+(greedy: the largest factor first, to the least loaded device), computed only
+there, and shared by an all-reduce of the results, the other devices
+contributing zeros:
 
 .. code-block:: text
 
-  shard_map over axis ──► device i: lax.switch(i) refreshes its own layers,
+  shard_map over axis ──► device i: lax.switch(i) refreshes its own factors,
                                     zeros for the others
                       ──► psum over the axis: every device holds every result
+
+Placing factors rather than layers halves the granularity: a layer's two
+decompositions may run on two devices (the π-split's inverses read both
+factors' traces, which every device has).
 
 No communication layer of our own: ``jax.shard_map``, ``lax.axis_index`` and
 ``lax.psum`` lower to XLA collectives on any backend (CPU, GPU, TPU; one host
 or many after ``jax.distributed.initialize()``). The exchange carries only
 what a refresh derives (eigenvectors and eigenvalues, or inverses); the
 moving averages it reads are the same on every device and stay where they are.
+
+Where the factors do not fit replicated, they can be stored split by rows
+over the axis (``scale_by_kfac(shard_factors=True)``, as ZeRO splits Adam's
+moments): each matrix zero-padded to a multiple of the axis size
+(:func:`pad_layer`) and constrained to ``P(axis, None)`` (:func:`shard_rows`).
+A refresh then gathers the moving averages, crops each layer to its own size,
+and returns its results by a reduce-scatter (``lax.psum_scatter``) instead of
+the all-reduce: each device keeps its rows only. Preconditioning is left to
+XLA's partitioner, whose result is gathered (:func:`replicate`).
 
 References:
   Pauloski et al. 2021, KAISA: an adaptive second-order optimizer framework
@@ -34,12 +48,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kronjax import _precondition
 
-__all__ = ["assign_layers", "axis_size", "layer_cost", "refresh_distributed",
-           "refresh_eighs"]
+__all__ = ["assign", "axis_size", "crop_layer", "factor_costs",
+           "pad_layer", "pad_like", "refresh_distributed", "refresh_eighs",
+           "replicate", "shard_rows"]
 
 Factors = Any  # a NamedTuple of _precondition: LayerFactors, EmbeddingFactors...
 AxisNames = str | Sequence[str]
@@ -49,33 +64,34 @@ AxisNames = str | Sequence[str]
 _ACCUMULATORS = ("a", "g", "weight")
 
 
-def layer_cost(f: Factors) -> int:
-  """Relative cost of refreshing one layer: ``d³`` per dense factor.
+def factor_costs(f: Factors) -> dict[str, int]:
+  """Relative cost of refreshing each factor of a layer: ``d³`` if dense.
 
-  A diagonal factor (an embedding's ``A``) costs ``d``: its "decomposition" is
-  elementwise.
+  ``{"a": ..., "g": ...}``. A diagonal factor (an embedding's ``A``) costs
+  ``d``: its "decomposition" is elementwise.
   """
-  return sum(x.shape[0] ** 3 if x.ndim == 2 else x.shape[0]
-             for x in (f.a, f.g))
+  return {side: x.shape[0] ** 3 if x.ndim == 2 else x.shape[0]
+          for side, x in (("a", f.a), ("g", f.g))}
 
 
-def assign_layers(costs: dict[str, float], n: int) -> dict[str, int]:
-  """Greedy longest-processing-time placement of layers on ``n`` devices.
+def assign(costs: dict[Any, float], n: int) -> dict[Any, int]:
+  """Greedy longest-processing-time placement of work items on ``n`` devices.
 
-  Layers are taken by decreasing cost (ties by key, so every host computes the
-  same placement) and each goes to the device with the least work so far
-  (ties: the lowest index). The busiest device then has at most 4/3 of the
-  optimal load (Graham 1969).
+  Items (here: factors, keyed ``(layer_key, "a" | "g")``) are taken by
+  decreasing cost (ties by key, so every host computes the same placement)
+  and each goes to the device with the least work so far (ties: the lowest
+  index). The busiest device then has at most 4/3 of the optimal load
+  (Graham 1969).
 
   Args:
-    costs: ``{layer_key: cost}``.
+    costs: ``{item: cost}``.
     n: number of devices.
 
   Returns:
-    ``{layer_key: device index in [0, n)}``.
+    ``{item: device index in [0, n)}``.
   """
   if n < 1:
-    raise ValueError(f"assign_layers needs n >= 1 devices, got {n}.")
+    raise ValueError(f"assign needs n >= 1 devices, got {n}.")
   load = [0.0] * n
   owners = {}
   for key in sorted(costs, key=lambda k: (-costs[k], k)):
@@ -95,9 +111,78 @@ def axis_size(mesh: Mesh, axis_name: AxisNames) -> int:
   return math.prod(mesh.shape[a] for a in names)
 
 
-def _written(f: Factors) -> Factors:
-  """``f`` without the accumulators (``None`` is an empty pytree)."""
-  return f._replace(**{name: None for name in _ACCUMULATORS})
+def _written(f: Factors, keep: bool = False) -> Factors:
+  """``f`` without the accumulators, or (``keep``) with only them.
+
+  ``None`` is an empty pytree; a refresh reads only the accumulators.
+  """
+  drop = (set(f._fields) - set(_ACCUMULATORS)) if keep else _ACCUMULATORS
+  return f._replace(**{name: None for name in drop})
+
+
+def _resize(f: Factors, size_a: int, size_g: int) -> Factors:
+  """Each array field cropped or zero-padded to ``size_a`` or ``size_g``.
+
+  Fields named ``a*`` are sized like ``A``, ``g*`` like ``G``, along every
+  axis; a diagonal ``A`` (a vector: an embedding's) is left as it is.
+  """
+  def resize(name, x):
+    if x is None or x.ndim == 0 or (name[0] == "a" and f.a.ndim == 1):
+      return x
+    size = size_a if name[0] == "a" else size_g
+    x = x[tuple(slice(0, size) for _ in x.shape)]
+    return jnp.pad(x, [(0, size - d) for d in x.shape])
+
+  return f._replace(**{name: resize(name, getattr(f, name))
+                       for name in f._fields})
+
+
+def crop_layer(f: Factors, d_a: int, d_g: int) -> Factors:
+  """A layer's factors at their own size ``(d_A, d_G)``; see :func:`pad_layer`."""
+  return _resize(f, d_a, d_g)
+
+
+def pad_like(f: Factors, like: Factors) -> Factors:
+  """``f`` zero-padded to the stored sizes of ``like``'s ``a`` and ``g``."""
+  return _resize(f, like.a.shape[0], like.g.shape[0])
+
+
+def pad_layer(f: Factors, multiple: int) -> Factors:
+  """``f`` with its dense factors zero-padded to a multiple of ``multiple``.
+
+  Rows of a matrix split over ``n`` devices must divide evenly, and ``A``
+  (inputs plus a bias row) rarely does. Zero rows and columns change nothing
+  that is used: a refresh crops them off first (:func:`crop_layer`), and a
+  padded inverse or eigenbasis has zeros there, which meet zero-padded
+  gradient rows.
+  """
+  up = lambda d: -(-d // multiple) * multiple
+  return _resize(f, up(f.a.shape[0]), up(f.g.shape[0]))
+
+
+def shard_rows(factors: dict[str, Factors], mesh: Mesh,
+               axis_name: AxisNames) -> dict[str, Factors]:
+  """Factor matrices split by rows over ``axis_name``; the rest replicated.
+
+  A sharding constraint under ``jit`` (``jax.sharding.reshard`` on explicit
+  mesh axes), a placement when called eagerly.
+  """
+  names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+  return jax.tree.map(lambda x: _place(x, NamedSharding(
+      mesh, PartitionSpec(names, None) if x.ndim == 2 else PartitionSpec())),
+                      factors)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Every array of ``tree`` replicated over every device of ``mesh``."""
+  return jax.tree.map(
+      lambda x: _place(x, NamedSharding(mesh, PartitionSpec())), tree)
+
+
+def _place(x: jax.Array, sharding: NamedSharding) -> jax.Array:
+  if sharding.mesh.explicit_axes:
+    return jax.sharding.reshard(x, sharding)
+  return jax.lax.with_sharding_constraint(x, sharding)
 
 
 def refresh_distributed(
@@ -105,22 +190,29 @@ def refresh_distributed(
     refresh_fn: Callable[[Factors], Factors],
     mesh: Mesh | None,
     axis_name: AxisNames = "data",
+    sizes: dict[str, tuple[int, int]] | None = None,
 ) -> dict[str, Factors]:
   """``{k: refresh_fn(f)}``, each layer computed on one device of an axis.
 
-  Every device of the mesh gets every result. Works eagerly, inside
-  ``jax.jit`` and under ``lax.cond``; the factors are taken as replicated
-  (as an optimizer state is under data parallelism). Along the mesh's other
-  axes (if any) the devices with the same index on ``axis_name`` repeat the
-  same work; pass a tuple of axis names to spread it over them too.
+  Every device of the mesh gets every result (or, with ``sizes``, its rows of
+  it). Works eagerly, inside ``jax.jit`` and under ``lax.cond``. Along the
+  mesh's other axes (if any) the devices with the same index on
+  ``axis_name`` repeat the same work; pass a tuple of axis names to spread it
+  over them too.
 
   Args:
     factors: ``{layer_key: factors}``, the NamedTuples of
-      ``kronjax._precondition``.
+      ``kronjax._precondition``; replicated, or stored padded and split by
+      rows (see :func:`pad_layer`, :func:`shard_rows`).
     refresh_fn: one layer's refresh; it must not change the accumulators
       ``a``, ``g`` and ``weight`` (they are not exchanged).
     mesh: the devices; ``None`` refreshes every layer here, in a plain loop.
     axis_name: the mesh axis (or axes) whose devices share the work.
+    sizes: ``{layer_key: (d_A, d_G)}`` when the factors are stored padded:
+      each layer is refreshed at its own size (cropped, then padded back) and
+      its matrices come back split by rows over ``axis_name`` (a
+      reduce-scatter instead of an all-reduce: half the traffic, and no device
+      holds every result).
 
   Returns:
     ``{layer_key: refreshed factors}``, equal to the plain loop's.
@@ -128,38 +220,60 @@ def refresh_distributed(
   References:
     Pauloski et al. 2021 (KAISA).
   """
-  if mesh is None:
-    return {k: refresh_fn(f) for k, f in factors.items()}
-  n = axis_size(mesh, axis_name)
+  def one(k, f):
+    if sizes is None:
+      return refresh_fn(f)
+    return pad_like(refresh_fn(crop_layer(f, *sizes[k])), f)
+
+  n = 1 if mesh is None else axis_size(mesh, axis_name)
   if n == 1 or not factors:
-    return {k: refresh_fn(f) for k, f in factors.items()}
+    return {k: one(k, f) for k, f in factors.items()}
   names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
-  owners = assign_layers({k: layer_cost(f) for k, f in factors.items()}, n)
-  # One branch per distinct set of layers: idle devices share one.
-  groups = sorted({frozenset(k for k in factors if owners[k] == i)
-                   for i in range(n)}, key=sorted)
-  branch_of = jnp.asarray([groups.index(frozenset(
-      k for k in factors if owners[k] == i)) for i in range(n)], jnp.int32)
+  owners = assign({(k, side): c for k, f in factors.items()
+                   for side, c in factor_costs(f).items()}, n)
+  # One branch per distinct set of factors: idle devices share one.
+  owned = [frozenset(item for item, i in owners.items() if i == device)
+           for device in range(n)]
+  groups = sorted(set(owned), key=sorted)
+  branch_of = jnp.asarray([groups.index(o) for o in owned], jnp.int32)
+  split = lambda x: sizes is not None and x.ndim == 2
+  # Only the accumulators go in (gathered, when stored split).
+  inputs = {k: _written(f, keep=True) for k, f in factors.items()}
+  if sizes is not None:
+    inputs = replicate(inputs, mesh)
 
   def per_device(fs):
     # Traced here, where the axis is bound, as refresh_fn may use it.
-    shapes = {k: _written(jax.eval_shape(refresh_fn, f))
+    shapes = {k: _written(jax.eval_shape(lambda f, k=k: one(k, f), f))
               for k, f in fs.items()}
 
     def branch(mine):
-      return lambda fs: {
-          k: _written(refresh_fn(f)) if k in mine else
-          jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[k])
-          for k, f in fs.items()}
+      def run(fs):
+        out = {}
+        for k, f in fs.items():
+          # A layer's refresh, of which only this device's factors are
+          # kept: XLA drops the other factor's (unused) decomposition.
+          done = _written(one(k, f)) if {(k, "a"), (k, "g")} & mine else None
+          out[k] = shapes[k]._replace(**{
+              name: getattr(done, name) if (k, name[0]) in mine else
+              jnp.zeros(x.shape, x.dtype)
+              for name, x in shapes[k]._asdict().items() if x is not None})
+        return out
+      return run
 
     index = branch_of[jax.lax.axis_index(names)]
     # Non-owners add exact zeros, so the sum is the owner's result bit for bit.
-    return jax.lax.psum(
-        jax.lax.switch(index, [branch(g) for g in groups], fs), names)
+    mine = jax.lax.switch(index, [branch(g) for g in groups], fs)
+    return jax.tree.map(
+        lambda x: jax.lax.psum_scatter(x, names, scatter_dimension=0,
+                                       tiled=True) if split(x)
+        else jax.lax.psum(x, names), mine)
 
-  spec = PartitionSpec()
-  written = jax.shard_map(per_device, mesh=mesh, in_specs=(spec,),
-                          out_specs=spec, axis_names=set(names))(factors)
+  out_specs = {k: jax.tree.map(
+      lambda x: PartitionSpec(names, None) if split(x) else PartitionSpec(),
+      _written(f)) for k, f in factors.items()}
+  written = jax.shard_map(per_device, mesh=mesh, in_specs=(PartitionSpec(),),
+                          out_specs=out_specs, axis_names=set(names))(inputs)
   return {k: w._replace(**{name: getattr(factors[k], name)
                            for name in _ACCUMULATORS})
           for k, w in written.items()}

@@ -260,7 +260,12 @@ def update_factors(f: Factors, a: jax.Array, g: jax.Array,
   and ``Ā_k / w_k`` is the bias-corrected average (exact from the first step).
   """
   decay = jnp.asarray(decay, f.a.dtype)
-  ema = lambda old, new: decay * old + (1 - decay) * new.astype(old.dtype)
+
+  def ema(old, new):  # a stored factor may be zero-padded (_placement)
+    new = jnp.pad(new.astype(old.dtype),
+                  [(0, s - d) for d, s in zip(new.shape, old.shape)])
+    return decay * old + (1 - decay) * new
+
   return f._replace(a=ema(f.a, a), g=ema(f.g, g),
                     weight=decay * f.weight + (1 - decay))
 

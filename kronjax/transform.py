@@ -21,12 +21,10 @@ import jax.numpy as jnp
 import optax
 from optax import GradientTransformationExtraArgs, ScalarOrSchedule
 
+from kronjax import _curvature
+from kronjax import _placement
 from kronjax import _precondition as pre
 from kronjax import _quadratic as quad
-from kronjax._curvature import CURVATURE_HINT as _CURVATURE_HINT
-from kronjax._curvature import checked_blocks as _checked_blocks
-from kronjax._curvature import maintain_factors as _maintain_factors
-from kronjax._curvature import precondition_tree as _precondition_tree
 from kronjax._routing import all_finite, full_params_view, param_labels
 from kronjax._routing import skip_if_not_finite
 
@@ -98,6 +96,7 @@ def scale_by_kfac(
     damping_bounds: tuple[float, float] = (1e-5, 1e3),
     inverse_mesh: jax.sharding.Mesh | None = None,
     inverse_axis: str | tuple[str, ...] = "data",
+    shard_factors: bool = False,
 ) -> GradientTransformationExtraArgs:
   """Preconditions gradients with K-FAC (Martens & Grosse 2015).
 
@@ -177,10 +176,17 @@ def scale_by_kfac(
       on the digits autoencoder Levenberg–Marquardt drove ``λ`` down to a
       floor of 1e-8 and a later step blew up (1 of 4 seeds); with 1e-5 every
       seed stayed stable and ended lower (13.98 against 14.3).
-    inverse_mesh: refresh each layer's eigendecompositions (or inverses) on
+    inverse_mesh: refresh each factor's eigendecomposition (or inverse) on
       one device of this mesh's ``inverse_axis`` and share the results (KAISA
       placement, Pauloski et al. 2021); ``None``: every device refreshes all.
     inverse_axis: the mesh axis (or axes) over which refreshes are placed.
+    shard_factors: store every factor matrix (moving averages, eigenvectors
+      or inverses) split by rows over ``inverse_axis`` of ``inverse_mesh``
+      (zero-padded to a multiple of its size), as ZeRO does with Adam's
+      moments: each device holds ``1/n`` of the curvature state, a refresh
+      gathers only the layers it computes and scatters its results, and XLA
+      partitions the preconditioning matmuls. For layers whose factors do not
+      fit replicated; it adds collectives to every step.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
@@ -200,12 +206,19 @@ def scale_by_kfac(
     raise ValueError(
         "norm_constraint bounds learning_rate² · |<P, g>|: pass the "
         "learning_rate that follows in the chain (or use kronjax.kfac).")
+  if shard_factors and inverse_mesh is None:
+    raise ValueError("shard_factors=True splits the factors over "
+                     "inverse_axis of inverse_mesh: pass inverse_mesh=mesh.")
   adaptive = loss is not None
   factor_dtype = jnp.dtype(factor_dtype)
+  # One device along the axis: nothing to split (the axis is checked here).
+  shard_factors = shard_factors and _placement.axis_size(
+      inverse_mesh, inverse_axis) > 1
+  placement = dict(mesh=inverse_mesh, axis=inverse_axis, shard=shard_factors)
 
   def init_fn(params):
-    factors = {key: pre.init_factors(spec, factor_dtype, exact_damping)
-               for key, spec in pre.find_layers(params).items()}
+    factors = _curvature.init_factors(pre.find_layers(params), factor_dtype,
+                                      exact_damping, **placement)
     prev_step = ()
     if adaptive:
       prev_step = jax.tree.map(lambda p: jnp.zeros(
@@ -223,7 +236,7 @@ def scale_by_kfac(
     del extra_args
     if curvature is None:
       raise ValueError(f"scale_by_kfac needs this batch's Fisher blocks: "
-                       f"{_CURVATURE_HINT}.")
+                       f"{_curvature.CURVATURE_HINT}.")
     if adaptive and (output_fn is None or targets is None or params is None):
       raise ValueError(
           "The adaptive K-FAC step (loss given, learning_rate=None) needs "
@@ -232,19 +245,21 @@ def scale_by_kfac(
           "params, curvature=..., output_fn=..., targets=...). Or give a "
           "learning_rate for a fixed step.")
     layers = pre.find_layers(updates)
-    blocks_fn, keys = _checked_blocks(curvature, layers, state.factors)
+    blocks_fn, keys = _curvature.checked_blocks(curvature, layers,
+                                                state.factors)
     # A non-finite step must leave the state alone: the factors' lax.conds
     # are not taken, and the few other fields are selected below.
     ok = all_finite(updates) & all_finite(curvature)
     count, grads = state.count, updates
     lam = state.damping if adaptive else jnp.asarray(
         _value(damping, count), factor_dtype)
-    factors = _maintain_factors(
+    factors = _curvature.maintain_factors(
         state.factors, blocks_fn, keys, decay, min_eigenvalue, lam,
         ok & (count % factor_every == 0), ok & (count % inverse_every == 0),
-        inverse_mesh, inverse_axis)
+        layers, **placement)
     covered = {key: layers[key] for key in keys}
-    precond = _precondition_tree(grads, covered, factors, lam)
+    precond = _curvature.precondition_tree(grads, covered, factors, lam,
+                                           **placement)
     new = state._replace(damping=lam.astype(state.damping.dtype))
     if adaptive:
       step, new = _adaptive_step(grads, precond, params, new, output_fn,
@@ -254,6 +269,9 @@ def scale_by_kfac(
       out, scale = _norm_constrained(grads, precond, covered, count)
       new = new._replace(coefficients=jnp.stack(
           [scale, jnp.zeros_like(scale)]).astype(factor_dtype))
+    if shard_factors:  # the updates must not inherit the factors' split
+      out, prev = _placement.replicate((out, new.prev_step), inverse_mesh)
+      new = new._replace(prev_step=prev)
     keep = lambda n, o: jnp.where(ok, n, o)
     out = jax.tree.map(lambda u: keep(u, jnp.zeros_like(u)), out)
     new_count = keep(optax.safe_int32_increment(count), count)
@@ -322,6 +340,7 @@ def kfac(
     factor_dtype: Any = "float32",
     inverse_mesh: jax.sharding.Mesh | None = None,
     inverse_axis: str | tuple[str, ...] = "data",
+    shard_factors: bool = False,
 ) -> GradientTransformationExtraArgs:
   """K-FAC with a fixed or adaptive step; a first-order optimizer for the rest.
 
@@ -383,6 +402,7 @@ def kfac(
     factor_dtype: dtype of the factors.
     inverse_mesh: see :func:`scale_by_kfac` (distributed refreshes).
     inverse_axis: see :func:`scale_by_kfac`.
+    shard_factors: see :func:`scale_by_kfac` (factor storage split by rows).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; see :func:`scale_by_kfac`
@@ -399,7 +419,8 @@ def kfac(
       factor_every=factor_every, exact_damping=exact_damping,
       norm_constraint=norm_constraint, learning_rate=learning_rate,
       factor_dtype=factor_dtype, loss=loss if adaptive else None,
-      inverse_mesh=inverse_mesh, inverse_axis=inverse_axis)
+      inverse_mesh=inverse_mesh, inverse_axis=inverse_axis,
+      shard_factors=shard_factors)
   if adaptive:
     kfac_group = optax.chain(inner, optax.scale(-1.0))
   else:

@@ -14,7 +14,6 @@ References:
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -30,6 +29,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import kronjax
+from kronjax import _curvature
 from kronjax import _placement
 from kronjax import _precondition as pre
 
@@ -148,12 +148,18 @@ def _collectives(hlo: str) -> list[tuple[str, list[list[int]]]]:
   return out
 
 
-def _assert_batch_stays_sharded(hlo, n, factor_shapes):
-  """No collective moves a batch-sized array; the factors are all-reduced."""
+def _assert_no_batch_collective(hlo, n):
+  """No collective moves a batch-sized array; returns the collectives."""
   found = _collectives(hlo)
   for op, shapes in found:
     for shape in shapes:
-      assert not {BATCH, BATCH // n} & set(shape[:1]), (op, shape)
+      assert not {BATCH, BATCH // n} & set(shape[:2]), (op, shape)
+  return found
+
+
+def _assert_batch_stays_sharded(hlo, n, factor_shapes):
+  """No collective moves a batch-sized array; the factors are all-reduced."""
+  found = _assert_no_batch_collective(hlo, n)
   reduced = {tuple(s) for op, shapes in found if op == "all-reduce"
              for s in shapes}
   missing = [s for s in factor_shapes if s not in reduced]
@@ -186,15 +192,109 @@ def check_data_parallel(model_name):
   return report
 
 
+# (mode, devices, exact damping): both factor layouts, both step kinds.
+SHARDED = {"mlp": (("fixed", 4, False), ("adaptive", 8, True)),
+           "cnn": (("adaptive", 4, False),)}
+
+
+def _kfac_state(state):
+  return next(s for s in jax.tree.leaves(
+      state, is_leaf=lambda s: isinstance(s, kronjax.transform.KfacState))
+              if isinstance(s, kronjax.transform.KfacState))
+
+
+def check_sharded_factors(model_name):
+  """shard_factors=True: the same steps, each device holding 1/n of them."""
+  model, params, x, y = _problem(model_name)
+  report = {}
+  for mode, n, exact in SHARDED[model_name]:
+    tx = _tx(mode, exact_damping=exact)
+    want, _, _ = _run(_train_step(model, tx), params, tx.init(params), x, y)
+    mesh = _mesh((n,), ("data",))
+    tx = _tx(mode, exact_damping=exact, inverse_mesh=mesh, shard_factors=True)
+    rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    state = tx.init(params)  # eager: already placed
+    got, state, hlo = _run(_train_step(model, tx), jax.device_put(params, rep),
+                           state, *jax.device_put((x, y), data))
+    _assert_trace_close(got, want)
+    here = total = 0
+    for key, f in _kfac_state(state).factors.items():
+      for m in (m for m in f if m.ndim == 2):
+        assert m.sharding.is_equivalent_to(
+            NamedSharding(mesh, P("data", None)), 2), (key, m.sharding)
+        assert m.addressable_shards[0].data.shape == (
+            m.shape[0] // n, m.shape[1]), (key, m.shape)
+      here += sum(m.addressable_shards[0].data.nbytes for m in f)
+      total += sum(m.nbytes for m in pre.init_factors(
+          pre.find_layers(params)[key], jnp.float32, exact))
+    # The blocks are reduce-scattered into the split averages (half an
+    # all-reduce's traffic), never computed from gathered tapes.
+    ops = sorted({op for op, _ in _assert_no_batch_collective(hlo, n)})
+    report[f"{mode}/{n}"] = {"per_device": here / total, "ops": ops}
+  return report
+
+
+def check_explicit_axes():
+  """jax.make_mesh's default Explicit axes: the same steps, both layouts."""
+  model, params, x, y = _problem("mlp")
+  tx = _tx("fixed")
+  want, _, _ = _run(_train_step(model, tx), params, tx.init(params), x, y)
+  mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4],
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+  rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  for kwargs in ({}, {"inverse_mesh": mesh, "shard_factors": True}):
+    tx = _tx("fixed", **kwargs)
+    got, _, _ = _run(_train_step(model, tx), jax.device_put(params, rep),
+                     tx.init(params), *jax.device_put((x, y), data))
+    _assert_trace_close(got, want)
+  return {"ok": True}
+
+
+class WideMlp(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.tanh(nn.Dense(192)(x))
+    return nn.Dense(10)(jnp.tanh(nn.Dense(128)(x)))
+
+
+def check_sharded_factors_hlo():
+  """Split factors leave the tapes alone (wide enough for XLA to try)."""
+  model, batch, n = WideMlp(), 4 * BATCH, 4
+  mesh = _mesh((n,), ("data",))
+  rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  x = jax.device_put(jnp.ones((batch, 64)), data)
+  y = jax.device_put(jnp.arange(batch) % 10, data)
+  params = jax.device_put(model.init(jax.random.key(1), x)["params"], rep)
+  tx = _tx("fixed", inverse_mesh=mesh, shard_factors=True)
+  tape_fn = kronjax.flax.value_grad_and_tape(model, CE, fisher="mc")
+
+  def step(params, state, rng):  # the README's, tapes as curvature
+    loss, grads, tape = tape_fn(params, x, y, rng)
+    updates, state = tx.update(grads, state, params, curvature=tape)
+    return optax.apply_updates(params, updates), state, loss
+
+  hlo = jax.jit(step).lower(params, jax.jit(tx.init)(params),
+                            jax.random.key(0)).compile().as_text()
+  found = _collectives(hlo)
+  for op, shapes in found:
+    for shape in shapes:
+      assert not {batch, batch // n} & set(shape[:2]), (op, shape)
+  return sorted({op for op, _ in found})
+
+
 def check_model_parallel():
   """A kernel split over "model" on a data × model mesh."""
   model, params, x, y = _problem("mlp")
   report = {}
-  for mode in ("fixed", "adaptive"):
-    tx = _tx(mode)
+  mesh = _mesh((4, 2), ("data", "model"))
+  for mode in ("fixed", "adaptive", "fixed/sharded factors"):
+    tx = _tx(mode.split("/")[0])
     step = _train_step(model, tx)
     want, _, _ = _run(step, params, tx.init(params), x, y)
-    mesh = _mesh((4, 2), ("data", "model"))
+    if "/" in mode:  # the factors split over "data" too
+      tx = _tx("fixed", inverse_mesh=mesh, shard_factors=True)
+      step = _train_step(model, tx)
     # Megatron-style: Dense_1's outputs split over "model", so are Dense_2's
     # inputs; the rest is replicated.
     specs = {"Dense_1": {"kernel": P(None, "model"), "bias": P("model")},
@@ -203,7 +303,10 @@ def check_model_parallel():
         lambda path, _: NamedSharding(mesh, specs.get(path[0].key, {}).get(
             path[-1].key, P())), params)
     sharded = jax.device_put(params, shardings)
-    state = jax.device_put(tx.init(params), NamedSharding(mesh, P()))
+    if "/" in mode:  # initialised by jit on the mesh: factors split
+      state = jax.jit(tx.init)(sharded)
+    else:
+      state = jax.device_put(tx.init(params), NamedSharding(mesh, P()))
     got, _, _ = _run(step, sharded, state,
                      *jax.device_put((x, y), NamedSharding(mesh, P("data"))),
                      pin=True)
@@ -242,9 +345,10 @@ def check_placement():
     ran = []
 
     def refresh(f, lam):
-      # Records (device, layer size) each time a branch really runs.
-      jax.debug.callback(lambda i, d: ran.append((int(i), int(d))),
-                         jax.lax.axis_index("data"), f.g.shape[0])
+      # Records (device, layer sizes) each time a branch really runs.
+      jax.debug.callback(
+          lambda i, a, g: ran.append((int(i), int(a), int(g))),
+          jax.lax.axis_index("data"), f.a.shape[0], f.g.shape[0])
       return pre.refresh_eigh(f, lam)
 
     @jax.jit
@@ -259,17 +363,43 @@ def check_placement():
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
       np.testing.assert_array_equal(a, b)  # exact: the sum adds only zeros
     assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(got))
-    owners = _placement.assign_layers(
-        {k: _placement.layer_cost(f) for k, f in factors.items()}, n)
-    expected = sorted((owners[k], f.g.shape[0]) for k, f in factors.items())
+    owners = _placement.assign(
+        {(k, side): c for k, f in factors.items()
+         for side, c in _placement.factor_costs(f).items()}, n)
+    # A layer's refresh runs on each device that owns one of its factors.
+    expected = sorted((i, factors[k].a.shape[0], factors[k].g.shape[0])
+                      for i, k in {(i, k) for (k, _), i in owners.items()})
     assert sorted(ran) == expected, (sorted(ran), expected)
+    # ... but only the owned factor's decomposition is compiled there: XLA
+    # drops the other, unused. Each dense factor's eigh appears once in the
+    # program (branches are per distinct set of factors: all distinct here).
+    hlo = jax.jit(lambda fs: _placement.refresh_eighs(fs, 1e-3, mesh)).lower(
+        factors).compile().as_text()
+    dense = sum(x.ndim == 2 for f in factors.values() for x in (f.a, f.g))
+    assert len(re.findall(r"custom_call_target=\"\w*syevd", hlo)) == dense
     ran.clear()
     skipped = under_cond(factors, jnp.float32(1e-3), False)
     jax.effects_barrier()
     assert not ran
     for a, b in zip(jax.tree.leaves(factors), jax.tree.leaves(skipped)):
       np.testing.assert_array_equal(a, b)
-    report[n] = owners
+    report[n] = {f"{k}/{side}": i for (k, side), i in owners.items()}
+    # Stored padded and split by rows: the same results, scattered by rows.
+    sizes = {k: (f.a.shape[0], f.g.shape[0]) for k, f in factors.items()}
+    split = _placement.shard_rows(
+        {k: _placement.pad_layer(f, n) for k, f in factors.items()}, mesh,
+        "data")
+    got = jax.jit(lambda fs: _placement.refresh_distributed(
+        fs, lambda f: pre.refresh_eigh(f, 1e-3), mesh, "data", sizes))(split)
+    rows = NamedSharding(mesh, P("data", None))
+    for k, f in got.items():
+      for a, b in zip(jax.tree.leaves(want[k]),
+                      jax.tree.leaves(_placement.crop_layer(f, *sizes[k]))):
+        np.testing.assert_array_equal(a, b)
+      np.testing.assert_array_equal(  # the padding stays zero
+          _placement.pad_like(_placement.crop_layer(f, *sizes[k]), f).g_eigvecs,
+          f.g_eigvecs)
+      assert f.g_eigvecs.sharding.is_equivalent_to(rows, 2), f.g_eigvecs
   # A 2-D mesh: place over both axes, or over one (the other repeats it).
   mesh = _mesh((4, 2), ("data", "model"))
   for axes in (("data", "model"), "model"):
@@ -305,11 +435,33 @@ def test_data_parallel_step_equals_one_device(model_name):
   assert all("all-reduce" in ops for ops in report.values())
 
 
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+def test_sharded_factors_give_the_same_steps(model_name):
+  report = _check("check_sharded_factors", model_name)
+  for (mode, n, _) in SHARDED[model_name]:
+    got = report[f"{mode}/{n}"]
+    # Padding (A: 10 → 16 rows on 8 devices) and the replicated eigenvalues
+    # keep these tiny layers above 1/n (benchmarks/distributed.py measures
+    # wide ones); the matrices' shards were checked in the subprocess.
+    assert got["per_device"] < 0.35, got
+    assert {"all-gather", "reduce-scatter"} <= set(got["ops"]), got
+
+
+def test_sharded_factors_reduce_scatter_the_blocks():
+  # The blocks go straight into the split averages, by a reduce-scatter;
+  # no batch-sized array is moved (checked in the subprocess).
+  assert "reduce-scatter" in _check("check_sharded_factors_hlo", devices=4)
+
+
+def test_explicit_mesh_axes():
+  assert _check("check_explicit_axes", devices=4) == {"ok": True}
+
+
 def test_model_parallel_kernel_gives_the_same_steps():
   report = _check("check_model_parallel")
   # XLA SPMD keeps the kernel split over "model" through the whole step.
-  assert report == {"fixed": "P(None, 'model')",
-                    "adaptive": "P(None, 'model')"}
+  assert report == dict.fromkeys(
+      ("fixed", "adaptive", "fixed/sharded factors"), "P(None, 'model')")
 
 
 def test_placed_refresh_equals_the_loop_on_4_and_8_devices():
@@ -318,36 +470,37 @@ def test_placed_refresh_equals_the_loop_on_4_and_8_devices():
 
 
 def test_optimizer_with_inverse_mesh():
-  if "inverse_mesh" not in inspect.signature(kronjax.kfac).parameters:
-    pytest.skip("kfac(inverse_mesh=...) is wired by transform.py's owner")
   assert _check("check_optimizer_inverse_mesh", devices=4) == {"ok": True}
 
 
 def test_distributed_example_runs_on_simulated_devices():
   proc = subprocess.run(
       [sys.executable, "-m", "kronjax.examples.distributed", "--cpu-devices",
-       "4", "--steps", "2", "--batch", "32"], capture_output=True, text=True,
-      timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+       "4", "--steps", "2", "--batch", "32", "--shard-factors"],
+      capture_output=True, text=True, timeout=600,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stderr[-6000:]
-  assert "4 devices, 1 process(es); batch 32 split as P('data',), 1 " in (
-      proc.stdout)
+  assert ("4 devices, 1 process(es); batch 32 split as P('data',), 1 "
+          "compilation(s); placed refreshes, sharded factors: True") in (
+              proc.stdout), proc.stdout
 
 
-def test_assign_layers_is_greedy_and_balanced():
+def test_assign_is_greedy_and_balanced():
   costs = {"a": 27.0, "b": 8.0, "c": 64.0, "d": 1.0, "e": 8.0}
-  assert _placement.assign_layers(costs, 2) == {
+  assert _placement.assign(costs, 2) == {
       "c": 0, "a": 1, "b": 1, "e": 1, "d": 1}  # loads 64 and 44
-  assert _placement.assign_layers(costs, 1) == dict.fromkeys(costs, 0)
-  spread = _placement.assign_layers(costs, 8)
-  assert sorted(spread.values()) == [0, 1, 2, 3, 4]  # one layer each
+  assert _placement.assign(costs, 1) == dict.fromkeys(costs, 0)
+  spread = _placement.assign(costs, 8)
+  assert sorted(spread.values()) == [0, 1, 2, 3, 4]  # one item each
   with pytest.raises(ValueError, match="n >= 1"):
-    _placement.assign_layers(costs, 0)
+    _placement.assign(costs, 0)
 
 
-def test_layer_cost_counts_dense_factors_cubed():
+def test_factor_costs_count_dense_factors_cubed():
   factors = _random_factors()
-  assert _placement.layer_cost(factors["L2"]) == 31 ** 3 + 20 ** 3
-  assert _placement.layer_cost(factors["E"]) == 11 + 6 ** 3  # diagonal A
+  assert _placement.factor_costs(factors["L2"]) == {"a": 31 ** 3,
+                                                    "g": 20 ** 3}
+  assert _placement.factor_costs(factors["E"]) == {"a": 11, "g": 6 ** 3}
 
 
 def test_without_mesh_is_the_plain_loop():
@@ -357,6 +510,41 @@ def test_without_mesh_is_the_plain_loop():
     want = pre.refresh_eigh(f, 1e-3)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got[key])):
       np.testing.assert_array_equal(a, b)
+
+
+def test_padded_factors_precondition_like_unpadded():
+  """Zero-padded storage (as sharded storage keeps it) changes no step."""
+  params = {"D": {"kernel": jnp.ones((6, 3)), "bias": jnp.ones(3)},
+            "E": {"embedding": jnp.ones((9, 5))}}
+  layers = pre.find_layers(params)
+  sizes = {k: (s.factor_shapes[0][0], s.factor_shapes[1][0])
+           for k, s in layers.items()}
+  rng = np.random.default_rng(0)
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
+  for exact in (True, False):
+    factors = {}
+    for k, spec in layers.items():
+      f = pre.init_factors(spec, jnp.float64, exact)
+      a = rng.normal(size=(f.a.shape[0], 12))
+      g = rng.normal(size=(f.g.shape[0], 12))
+      a = np.abs(a[:, 0]) if f.a.ndim == 1 else a @ a.T / 12
+      factors[k] = pre.update_factors(f, jnp.asarray(a), jnp.asarray(g @ g.T),
+                                      .5)
+    padded = {k: _placement.pad_layer(f, 4) for k, f in factors.items()}
+    assert padded["D"].a.shape == (8, 8) and padded["E"].g.shape == (8, 8)
+    assert padded["E"].a.shape == (9,)  # a diagonal A is not padded
+    fn = lambda f: pre.refresh(f, 1e-6, 1e-2)
+    plain = _placement.refresh_distributed(factors, fn, None)
+    padded = _placement.refresh_distributed(padded, fn, None, "data", sizes)
+    want = _curvature.precondition_tree(grads, layers, plain, 1e-2)
+    got = _curvature.precondition_tree(grads, layers, padded, 1e-2)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_shard_factors_needs_a_mesh():
+  with pytest.raises(ValueError, match="pass inverse_mesh=mesh"):
+    kronjax.kfac(0.1, shard_factors=True)
 
 
 def test_unknown_axis_is_an_error():
