@@ -1,25 +1,29 @@
-"""Data-parallel K-FAC and placed refreshes on 1, 2, 4 and 8 devices.
+"""Data-parallel K-FAC, placed refreshes and sharded factors on 1-8 devices.
 
 For each device count a fresh process (``XLA_FLAGS`` must be set before jax
 starts) builds a 1-D ``"data"`` mesh and measures, for an MLP
-64-256-192-128-96-64-10 (12 factors of sizes 10 to 257):
+64-192-128-96-64-48-10 (12 factors of sizes 10 to 193), batch sharded:
 
-- the placement (``kronjax._placement.assign_layers``): refreshes and
-  ``Σ d³`` of the busiest device, against one device doing all of them;
-- the refresh of all layers' eigendecompositions: a plain loop (every device
-  repeats all of it, as plain data parallelism does) and placed
-  (``refresh_eighs(..., mesh, "data")``: each device computes its layers,
-  one all-reduce shares them);
-- a whole train step (tape, blocks, ``kronjax.kfac`` fixed step) with the
-  batch sharded over the mesh and an eigendecomposition refresh on every
-  step: replicated (``inverse_every=1``) and placed (``inverse_every`` off;
-  the step refreshes the state's factors with ``refresh_eighs`` itself, which
-  is what ``scale_by_kfac(inverse_mesh=...)`` will do).
+- the placement (``kronjax._placement.assign``, factor by factor):
+  decompositions and ``Σ d³`` of the busiest device, against one device
+  doing all of them;
+- a whole ``kronjax.kfac`` train step (tape, blocks, fixed step) in three
+  layouts: ``replicated`` (every device refreshes every layer, as plain data
+  parallelism does), ``placed`` (``inverse_mesh=mesh``: each factor's
+  refresh on one device, results all-reduced) and ``sharded``
+  (``shard_factors=True`` too: factors stored split by rows, results
+  reduce-scattered); each with a refresh on every step (``inverse_every=1``,
+  the refresh's cost made visible) and with none (``inverse_every`` off: the
+  layouts' per-step overhead);
+- memory per device from ``Compiled.memory_analysis()``: the K-FAC state
+  (the step's outputs minus the params) and the step's temporaries; and the
+  factor state per device of a wide MLP 1024-4096-4096-4096-10 (init only).
 
 On a machine with fewer cores than simulated devices, the devices share the
 cores: the timings then show the overheads of partitioning and collectives,
-not speed-ups, whereas the per-device work is what a real multi-device run
-divides. Best of repeats after compilation, float32, CPU.
+not speed-ups, whereas the per-device work and memory are what a real
+multi-device run divides. Medians of repeats after compilation, float32, CPU,
+one OpenBLAS thread per process.
 
 Usage: python benchmarks/distributed.py [--quick]
 """
@@ -38,6 +42,7 @@ import time
 RESULTS = pathlib.Path(__file__).parent / "results"
 DEVICE_COUNTS = (1, 2, 4, 8)
 WIDTHS = (192, 128, 96, 64, 48)
+WIDE = (1024, 4096, 4096, 4096)  # memory only
 BATCH = 256
 
 
@@ -48,7 +53,11 @@ def _median_ms(fn, repeats):
     start = time.perf_counter()
     fn()
     times.append(time.perf_counter() - start)
-  return 1e3 * min(times)  # the least disturbed by other processes
+  return 1e3 * sorted(times)[len(times) // 2]
+
+
+LAYOUTS = {"replicated": {}, "placed": {"inverse_mesh": True},
+           "sharded": {"inverse_mesh": True, "shard_factors": True}}
 
 
 def worker(n: int, repeats: int) -> dict:
@@ -66,10 +75,11 @@ def worker(n: int, repeats: int) -> dict:
   ce = kronjax.losses.softmax_cross_entropy
 
   class Mlp(nn.Module):
+    widths: tuple[int, ...] = WIDTHS
 
     @nn.compact
     def __call__(self, x):
-      for width in WIDTHS:
+      for width in self.widths:
         x = jnp.tanh(nn.Dense(width)(x))
       return nn.Dense(10)(x)
 
@@ -79,54 +89,64 @@ def worker(n: int, repeats: int) -> dict:
   model = Mlp()
   x = jax.random.normal(jax.random.key(0), (BATCH, 64))
   y = jnp.arange(BATCH) % 10
-  params = model.init(jax.random.key(1), x)["params"]
+  params = jax.device_put(model.init(jax.random.key(1), x)["params"], rep)
   tape_fn = kronjax.flax.value_grad_and_tape(model, ce, fisher="mc")
-  is_kfac = lambda s: isinstance(s, kronjax.KfacState)
+  x, y = jax.device_put((x, y), data)
 
-  def make_step(tx, placed):
+  def make_tx(layout, every):
+    kwargs = {k: mesh if k == "inverse_mesh" else v
+              for k, v in LAYOUTS[layout].items()}
+    return kronjax.kfac(0.1, damping=1e-2, inverse_every=every, **kwargs)
+
+  def step_fn(tx):
     def step(params, state, rng):
       loss, grads, tape = tape_fn(params, x, y, rng)
-      updates, state = tx.update(grads, state, params,
-                                 curvature=kronjax.fisher_blocks(tape))
-      if placed:
-        state = jax.tree.map(
-            lambda s: s._replace(factors=_placement.refresh_eighs(
-                s.factors, 0.0, mesh, "data")) if is_kfac(s) else s,
-            state, is_leaf=is_kfac)
+      updates, state = tx.update(grads, state, params, curvature=tape)
       return optax.apply_updates(params, updates), state, loss
-    return jax.jit(step)
+    return step
 
-  x, y = jax.device_put((x, y), data)
   out = {"devices": n}
-  steps = {}
-  for name, every, placed in (("replicated", 1, False),
-                              ("placed", 10 ** 9, True)):
-    tx = kronjax.kfac(0.1, damping=1e-2, inverse_every=every)
-    p, s = jax.device_put((params, tx.init(params)), rep)
-    step = make_step(tx, placed)
-    p, s, _ = step(p, s, jax.random.key(2))  # factors to refresh
-    steps[name] = (step, p, s)
-    out[f"step_{name}_ms"] = _median_ms(
-        lambda: jax.block_until_ready(step(p, s, jax.random.key(3))),
-        repeats)
+  for layout in LAYOUTS:
+    for every, label in ((1, "refresh"), (10 ** 9, "no_refresh")):
+      tx = make_tx(layout, every)
+      state = jax.jit(tx.init)(params)
+      compiled = jax.jit(step_fn(tx)).lower(
+          params, state, jax.random.key(2)).compile()
+      p, s, _ = compiled(params, state, jax.random.key(2))  # first refresh
+      out[f"{layout}_{label}_ms"] = _median_ms(
+          lambda: jax.block_until_ready(compiled(p, s, jax.random.key(3))),
+          repeats)
+      if label == "refresh":
+        mem = compiled.memory_analysis()
+        params_bytes = sum(a.nbytes for a in jax.tree.leaves(params))
+        out[f"{layout}_state_kib"] = (mem.output_size_in_bytes
+                                      - params_bytes) / 2 ** 10
+        out[f"{layout}_temp_kib"] = mem.temp_size_in_bytes / 2 ** 10
+  wide = Mlp(WIDE[1:])
+  wide_params = jax.eval_shape(wide.init, jax.random.key(0),
+                               jnp.zeros((1, WIDE[0])))["params"]
+  for layout in ("placed", "sharded"):
+    tx = make_tx(layout, 10)
+    init = jax.jit(tx.init, in_shardings=rep).lower(wide_params).compile()
+    out[f"wide_{layout}_state_mib"] = (
+        init.memory_analysis().output_size_in_bytes / 2 ** 20)
 
-  (state,) = [z for z in jax.tree.leaves(steps["placed"][2], is_leaf=is_kfac)
-              if is_kfac(z)]
+  state = jax.jit(make_tx("placed", 10).init)(params)
+  (state,) = [z for z in jax.tree.leaves(
+      state, is_leaf=lambda s: isinstance(s, kronjax.KfacState))
+              if isinstance(z, kronjax.KfacState)]
   factors = state.factors
-  costs = {k: _placement.layer_cost(f) for k, f in factors.items()}
-  owners = _placement.assign_layers(costs, n)
+  costs = {(k, side): c for k, f in factors.items()
+           for side, c in _placement.factor_costs(f).items()}
+  owners = _placement.assign(costs, n)
   per_device = [[k for k in costs if owners[k] == i] for i in range(n)]
   busiest = max(range(n), key=lambda i: sum(costs[k] for k in per_device[i]))
-  out["eigh_total"] = sum(2 - (f.a.ndim == 1) for f in factors.values())
-  out["eigh_busiest"] = sum(2 - (factors[k].a.ndim == 1)
-                            for k in per_device[busiest])
+  dense = lambda item: getattr(factors[item[0]], item[1]).ndim == 2
+  out["eigh_total"] = sum(map(dense, costs))
+  out["eigh_busiest"] = sum(map(dense, per_device[busiest]))
   out["cost_total"] = sum(costs.values())
   out["cost_busiest"] = sum(costs[k] for k in per_device[busiest])
-  out["layers_per_device"] = [len(ks) for ks in per_device]
-  for name, m in (("loop", None), ("placed", mesh)):
-    refresh = jax.jit(lambda fs, m=m: _placement.refresh_eighs(fs, 0.0, m))
-    out[f"refresh_{name}_ms"] = _median_ms(
-        lambda: jax.block_until_ready(refresh(factors)), repeats)
+  out["factors_per_device"] = [len(ks) for ks in per_device]
   out["jax"] = jax.__version__
   return out
 
@@ -136,26 +156,42 @@ def _table(rows, cores) -> str:
       f"jax {rows[0]['jax']}, CPU, float32, simulated devices "
       f"(`--xla_force_host_platform_device_count`) on {cores} cores; "
       f"MLP 64-{'-'.join(map(str, WIDTHS))}-10, batch {BATCH}, "
-      "best of repeats after compilation.", "",
+      "kronjax.kfac fixed step, π-split; medians of repeats after "
+      "compilation.", "",
       "Work per device from the placement (what a real device count "
       "divides):", "",
-      "| devices | eigh, busiest device | of all | Σd³, busiest device "
-      "| share of Σd³ | layers per device |", "|---|---|---|---|---|---|"]
+      "| devices | decompositions, busiest device | of all "
+      "| Σd³, busiest device | share of Σd³ | factors per device |", "|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(
         f"| {r['devices']} | {r['eigh_busiest']} | {r['eigh_total']} | "
         f"{r['cost_busiest']:.3g} | {r['cost_busiest'] / r['cost_total']:.2f}"
-        f" | {r['layers_per_device']} |")
+        f" | {r['factors_per_device']} |")
   lines += [
-      "", f"Wall-clock times (ms) on {cores} shared cores: overheads of "
-      "partitioning and collectives, not speed-ups.", "",
-      "| devices | refresh, loop | refresh, placed | step, replicated refresh "
-      "| step, placed refresh |", "|---|---|---|---|---|"]
+      "", "Memory per device (KiB; `Compiled.memory_analysis()`): the K-FAC "
+      "state and the step's temporaries; and the factor state of MLP "
+      f"{'-'.join(map(str, WIDE))}-10 (MiB).", "",
+      "| devices | state, replicated | state, placed | state, sharded "
+      "| temp, replicated | temp, sharded | wide MLP, placed | wide MLP, "
+      "sharded |", "|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(
-        f"| {r['devices']} | {r['refresh_loop_ms']:.1f} | "
-        f"{r['refresh_placed_ms']:.1f} | {r['step_replicated_ms']:.1f} | "
-        f"{r['step_placed_ms']:.1f} |")
+        f"| {r['devices']} | {r['replicated_state_kib']:.0f} | "
+        f"{r['placed_state_kib']:.0f} | {r['sharded_state_kib']:.0f} | "
+        f"{r['replicated_temp_kib']:.0f} | {r['sharded_temp_kib']:.0f} | "
+        f"{r['wide_placed_state_mib']:.0f} | "
+        f"{r['wide_sharded_state_mib']:.0f} |")
+  lines += [
+      "", f"Step time (ms) on {cores} shared cores: overheads of "
+      "partitioning and collectives, not speed-ups.", "",
+      "| devices | replicated, refresh | placed, refresh | sharded, refresh "
+      "| replicated, no refresh | placed, no refresh | sharded, no refresh |",
+      "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append("| " + " | ".join(
+        [str(r["devices"])] + [f"{r[f'{l}_{k}_ms']:.1f}"
+                               for k in ("refresh", "no_refresh")
+                               for l in LAYOUTS]) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -173,8 +209,8 @@ def main():
   repeats = 3 if args.quick else args.repeats
   rows = []
   for n in counts:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS":
-           f"--xla_force_host_platform_device_count={n}"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "OPENBLAS_NUM_THREADS": "1",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", str(n), "--repeats",
          str(repeats)], env=env, capture_output=True, text=True, check=False)
@@ -188,7 +224,7 @@ def main():
   if not args.quick:
     RESULTS.mkdir(exist_ok=True)
     meta = {"cores": cores, "machine": platform.machine(), "batch": BATCH,
-            "widths": WIDTHS}
+            "widths": WIDTHS, "wide": WIDE}
     (RESULTS / "distributed.json").write_text(
         json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     (RESULTS / "distributed.md").write_text(table)

@@ -6,7 +6,9 @@ device taps its share of the batch, its factors' averages become all-reduces
 (as the gradients' do), and every device takes the same step: there is no
 communication layer of kronjax's own. With ``kfac(inverse_mesh=mesh)`` each
 layer's eigendecomposition is computed on one device of the mesh and shared
-(KAISA placement) instead of on all of them.
+(KAISA placement) instead of on all of them; ``--shard-factors``
+(``kfac(shard_factors=True)``) stores the factors split by rows over the
+devices, for models whose factors do not fit replicated.
 
 Run it as it is (all local devices), on simulated CPU devices, or on several
 hosts (one process per host, each with its coordinator's address in the
@@ -14,7 +16,7 @@ environment that ``jax.distributed.initialize`` reads; on a TPU pod or under
 SLURM it finds them itself)::
 
   python -m kronjax.examples.distributed
-  python -m kronjax.examples.distributed --cpu-devices 8
+  python -m kronjax.examples.distributed --cpu-devices 8 [--shard-factors]
   python -m kronjax.examples.distributed --multihost   # on every host
 
 References:
@@ -28,7 +30,6 @@ References:
 from __future__ import annotations
 
 import argparse
-import inspect
 
 import flax.linen as nn
 import jax
@@ -66,6 +67,8 @@ def main(argv=None):
                       help="simulate this many CPU devices (one host, tests)")
   parser.add_argument("--multihost", action="store_true",
                       help="call jax.distributed.initialize() first")
+  parser.add_argument("--shard-factors", action="store_true",
+                      help="store the factors split over the devices")
   parser.add_argument("--steps", type=int, default=30)
   parser.add_argument("--batch", type=int, default=256,
                       help="global batch (a multiple of the device count)")
@@ -87,12 +90,13 @@ def main(argv=None):
   loss_fn = kronjax.losses.softmax_cross_entropy
   model = Mlp()
   tape_fn = kronjax.flax.value_grad_and_tape(model, loss_fn)
-  placement = {}
-  if "inverse_mesh" in inspect.signature(kronjax.kfac).parameters:
-    placement = {"inverse_mesh": mesh, "inverse_axis": "data"}
-  tx = kronjax.kfac(loss=loss_fn, inverse_every=5, **placement)
+  # Each layer's refresh on one device; with --shard-factors the factors
+  # are stored split by rows over "data" too.
+  tx = kronjax.kfac(loss=loss_fn, inverse_every=5, inverse_mesh=mesh,
+                    inverse_axis="data", shard_factors=args.shard_factors)
   params = model.init(jax.random.key(0), jnp.zeros((1, 16)))["params"]
-  params, opt_state = jax.device_put((params, tx.init(params)), replicated)
+  params = jax.device_put(params, replicated)
+  opt_state = jax.jit(tx.init)(params)  # on the mesh, laid out by the optimizer
 
   @jax.jit
   def train_step(params, opt_state, x, y, rng):
@@ -114,8 +118,8 @@ def main(argv=None):
   if jax.process_index() == 0:
     print(f"{jax.device_count()} devices, {jax.process_count()} process(es); "
           f"batch {args.batch} split as {x.sharding.spec}, "
-          f"{train_step._cache_size()} compilation(s); placed refreshes: "
-          f"{bool(placement)}")
+          f"{train_step._cache_size()} compilation(s); placed refreshes, "
+          f"sharded factors: {args.shard_factors}")
 
 
 if __name__ == "__main__":
