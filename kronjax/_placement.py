@@ -4,21 +4,21 @@ The refresh is K-FAC's one step whose cost grows as ``d³`` per factor, and
 plain data parallelism repeats it on every device. Here each factor's refresh
 (``A``'s or ``G``'s of a layer) is assigned to one device of a mesh axis
 (greedy: the largest factor first, to the least loaded device), computed only
-there, and shared by an all-reduce of the results, the other devices
-contributing zeros:
+there, and shared by one all-gather of what each device computed:
 
 .. code-block:: text
 
   shard_map over axis ──► device i: lax.switch(i) refreshes its own factors,
-                                    zeros for the others
-                      ──► psum over the axis: every device holds every result
+                                    packs them in one flat buffer
+                      ──► all_gather over the axis, unpacked by the placement:
+                          every device holds every result
 
 Placing factors rather than layers halves the granularity: a layer's two
 decompositions may run on two devices (the π-split's inverses read both
 factors' traces, which every device has).
 
 No communication layer of our own: ``jax.shard_map``, ``lax.axis_index`` and
-``lax.psum`` lower to XLA collectives on any backend (CPU, GPU, TPU; one host
+``lax.all_gather`` lower to XLA collectives on any backend (CPU, GPU, TPU; one host
 or many after ``jax.distributed.initialize()``). The exchange carries only
 what a refresh derives (eigenvectors and eigenvalues, or inverses); the
 moving averages it reads are the same on every device and stay where they are.
@@ -28,8 +28,8 @@ over the axis (``scale_by_kfac(shard_factors=True)``, as ZeRO splits Adam's
 moments): each matrix zero-padded to a multiple of the axis size
 (:func:`pad_layer`) and constrained to ``P(axis, None)`` (:func:`shard_rows`).
 A refresh then gathers the moving averages, crops each layer to its own size,
-and returns its results by a reduce-scatter (``lax.psum_scatter``) instead of
-the all-reduce: each device keeps its rows only. Preconditioning is left to
+and returns its results by a reduce-scatter (``lax.psum_scatter``) of
+zero-padded results instead: each device keeps its rows only. Preconditioning is left to
 XLA's partitioner, whose result is gathered (:func:`replicate`).
 
 References:
@@ -192,7 +192,7 @@ def refresh_distributed(
     axis_name: AxisNames = "data",
     sizes: dict[str, tuple[int, int]] | None = None,
 ) -> dict[str, Factors]:
-  """``{k: refresh_fn(f)}``, each layer computed on one device of an axis.
+  """``{k: refresh_fn(f)}``, each factor computed on one device of an axis.
 
   Every device of the mesh gets every result (or, with ``sizes``, its rows of
   it). Works eagerly, inside ``jax.jit`` and under ``lax.cond``. Along the
@@ -211,8 +211,7 @@ def refresh_distributed(
     sizes: ``{layer_key: (d_A, d_G)}`` when the factors are stored padded:
       each layer is refreshed at its own size (cropped, then padded back) and
       its matrices come back split by rows over ``axis_name`` (a
-      reduce-scatter instead of an all-reduce: half the traffic, and no device
-      holds every result).
+      reduce-scatter: no device holds every result).
 
   Returns:
     ``{layer_key: refreshed factors}``, equal to the plain loop's.
@@ -246,37 +245,90 @@ def refresh_distributed(
     # Traced here, where the axis is bound, as refresh_fn may use it.
     shapes = {k: _written(jax.eval_shape(lambda f, k=k: one(k, f), f))
               for k, f in fs.items()}
+    fields = {(k, name): x for k, w in shapes.items()
+              for name, x in w._asdict().items() if x is not None}
 
-    def branch(mine):
-      def run(fs):
-        out = {}
-        for k, f in fs.items():
-          # A layer's refresh, of which only this device's factors are
-          # kept: XLA drops the other factor's (unused) decomposition.
-          done = _written(one(k, f)) if {(k, "a"), (k, "g")} & mine else None
-          out[k] = shapes[k]._replace(**{
-              name: getattr(done, name) if (k, name[0]) in mine else
-              jnp.zeros(x.shape, x.dtype)
-              for name, x in shapes[k]._asdict().items() if x is not None})
-        return out
-      return run
+    def computed(mine, fs):
+      """``{(key, field): array}`` of the factors in ``mine``.
+
+      A layer's refresh, of which only this device's factors are kept: XLA
+      drops the other factor's (unused) decomposition.
+      """
+      out = {}
+      for k, f in fs.items():
+        if {(k, "a"), (k, "g")} & mine:
+          done = _written(one(k, f))
+          out.update({(kk, name): getattr(done, name) for kk, name in fields
+                      if kk == k and (k, name[0]) in mine})
+      return out
 
     index = branch_of[jax.lax.axis_index(names)]
-    # Non-owners add exact zeros, so the sum is the owner's result bit for bit.
-    mine = jax.lax.switch(index, [branch(g) for g in groups], fs)
-    return jax.tree.map(
-        lambda x: jax.lax.psum_scatter(x, names, scatter_dimension=0,
-                                       tiled=True) if split(x)
-        else jax.lax.psum(x, names), mine)
+    if sizes is None:
+      gathered = _all_gather_fields(computed, index, groups, owned, fields,
+                                    fs, names)
+    else:
+      # Zeros where not computed: a reduce-scatter leaves each device the
+      # owner's rows (adding exact zeros), and only them.
+      def branch(mine):
+        return lambda fs: computed(mine, fs) | {
+            item: jnp.zeros(x.shape, x.dtype) for item, x in fields.items()
+            if (item[0], item[1][0]) not in mine}
+
+      mine = jax.lax.switch(index, [branch(g) for g in groups], fs)
+      gathered = {item: jax.lax.psum_scatter(x, names, scatter_dimension=0,
+                                             tiled=True) if split(x)
+                  else jax.lax.psum(x, names) for item, x in mine.items()}
+    return {k: w._replace(**{name: gathered[(k, name)]
+                             for name, x in w._asdict().items()
+                             if x is not None})
+            for k, w in shapes.items()}
 
   out_specs = {k: jax.tree.map(
       lambda x: PartitionSpec(names, None) if split(x) else PartitionSpec(),
       _written(f)) for k, f in factors.items()}
+  # check_vma=False: jax types an all-gather's result as varying over the
+  # axis, though every device holds the same (out_specs P() says so).
   written = jax.shard_map(per_device, mesh=mesh, in_specs=(PartitionSpec(),),
-                          out_specs=out_specs, axis_names=set(names))(inputs)
+                          out_specs=out_specs, axis_names=set(names),
+                          check_vma=False)(inputs)
   return {k: w._replace(**{name: getattr(factors[k], name)
                            for name in _ACCUMULATORS})
           for k, w in written.items()}
+
+
+def _all_gather_fields(computed, index, groups, owned, fields, fs, names):
+  """Every device's computed fields, exchanged by one all-gather.
+
+  Each device packs what it computed into one flat buffer (as long as the
+  busiest device's); after the all-gather every device unpacks every
+  device's buffer by the (static) placement. Each result crosses the network
+  once: half the traffic of summing zero-padded results.
+  """
+  dtype = jnp.result_type(*fields.values())
+  order = {mine: sorted(item for item in fields
+                        if (item[0], item[1][0]) in mine) for mine in groups}
+  size = lambda item: math.prod(fields[item].shape)
+  length = max(sum(map(size, items)) for items in order.values())
+
+  def branch(mine):
+    def run(fs):
+      done = computed(mine, fs)
+      flat = [done[item].astype(dtype).ravel() for item in order[mine]]
+      used = sum(map(size, order[mine]))
+      return jnp.concatenate(flat + [jnp.zeros(length - used, dtype)])
+    return run
+
+  buffers = jax.lax.all_gather(
+      jax.lax.switch(index, [branch(g) for g in groups], fs), names)
+  out = {}
+  for device, mine in enumerate(owned):
+    offset = 0
+    for item in order[mine]:
+      x = fields[item]
+      out[item] = buffers[device, offset:offset + size(item)].reshape(
+          x.shape).astype(x.dtype)
+      offset += size(item)
+  return out
 
 
 def refresh_eighs(

@@ -377,6 +377,8 @@ def check_placement():
         factors).compile().as_text()
     dense = sum(x.ndim == 2 for f in factors.values() for x in (f.a, f.g))
     assert len(re.findall(r"custom_call_target=\"\w*syevd", hlo)) == dense
+    # Results cross the network once: an all-gather, not a sum of zeros.
+    assert {op for op, _ in _collectives(hlo)} == {"all-gather"}, hlo
     ran.clear()
     skipped = under_cond(factors, jnp.float32(1e-3), False)
     jax.effects_barrier()
