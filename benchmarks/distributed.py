@@ -22,8 +22,8 @@ starts) builds a 1-D ``"data"`` mesh and measures, for an MLP
 On a machine with fewer cores than simulated devices, the devices share the
 cores: the timings then show the overheads of partitioning and collectives,
 not speed-ups, whereas the per-device work and memory are what a real
-multi-device run divides. Medians of repeats after compilation, float32, CPU,
-one OpenBLAS thread per process.
+multi-device run divides. Medians of repeats after compilation, the six
+steps timed round robin; float32, CPU, one OpenBLAS thread per process.
 
 Usage: python benchmarks/distributed.py [--quick]
 """
@@ -44,16 +44,6 @@ DEVICE_COUNTS = (1, 2, 4, 8)
 WIDTHS = (192, 128, 96, 64, 48)
 WIDE = (1024, 4096, 4096, 4096)  # memory only
 BATCH = 256
-
-
-def _median_ms(fn, repeats):
-  fn()  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return 1e3 * sorted(times)[len(times) // 2]
 
 
 LAYOUTS = {"replicated": {}, "placed": {"inverse_mesh": True},
@@ -106,6 +96,7 @@ def worker(n: int, repeats: int) -> dict:
     return step
 
   out = {"devices": n}
+  runs = {}
   for layout in LAYOUTS:
     for every, label in ((1, "refresh"), (10 ** 9, "no_refresh")):
       tx = make_tx(layout, every)
@@ -113,15 +104,22 @@ def worker(n: int, repeats: int) -> dict:
       compiled = jax.jit(step_fn(tx)).lower(
           params, state, jax.random.key(2)).compile()
       p, s, _ = compiled(params, state, jax.random.key(2))  # first refresh
-      out[f"{layout}_{label}_ms"] = _median_ms(
-          lambda: jax.block_until_ready(compiled(p, s, jax.random.key(3))),
-          repeats)
+      runs[f"{layout}_{label}"] = (compiled, p, s)
       if label == "refresh":
         mem = compiled.memory_analysis()
         params_bytes = sum(a.nbytes for a in jax.tree.leaves(params))
         out[f"{layout}_state_kib"] = (mem.output_size_in_bytes
                                       - params_bytes) / 2 ** 10
         out[f"{layout}_temp_kib"] = mem.temp_size_in_bytes / 2 ** 10
+  # Round robin, so that the machine's load drifts over all alike.
+  times = {name: [] for name in runs}
+  for _ in range(repeats):
+    for name, (compiled, p, s) in runs.items():
+      start = time.perf_counter()
+      jax.block_until_ready(compiled(p, s, jax.random.key(3)))
+      times[name].append(time.perf_counter() - start)
+  for name, ts in times.items():
+    out[f"{name}_ms"] = 1e3 * sorted(ts)[len(ts) // 2]
   wide = Mlp(WIDE[1:])
   wide_params = jax.eval_shape(wide.init, jax.random.key(0),
                                jnp.zeros((1, WIDE[0])))["params"]
@@ -200,13 +198,13 @@ def main():
   parser.add_argument("--quick", action="store_true",
                       help="devices 1 and 4, fewer repeats; no results file")
   parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
-  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=30)
   args = parser.parse_args()
   if args.worker:
     print(json.dumps(worker(args.worker, args.repeats)))
     return
   counts = (1, 4) if args.quick else DEVICE_COUNTS
-  repeats = 3 if args.quick else args.repeats
+  repeats = 5 if args.quick else args.repeats
   rows = []
   for n in counts:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "OPENBLAS_NUM_THREADS": "1",
