@@ -183,10 +183,12 @@ def scale_by_kfac(
     shard_factors: store every factor matrix (moving averages, eigenvectors
       or inverses) split by rows over ``inverse_axis`` of ``inverse_mesh``
       (zero-padded to a multiple of its size), as ZeRO does with Adam's
-      moments: each device holds ``1/n`` of the curvature state, a refresh
-      gathers only the layers it computes and scatters its results, and XLA
-      partitions the preconditioning matmuls. For layers whose factors do not
-      fit replicated; it adds collectives to every step.
+      moments: each device holds ``1/n`` of the curvature state (the blocks
+      are reduce-scattered into it), a refresh gathers the averages for the
+      time it takes and scatters its results, and XLA partitions the
+      preconditioning matmuls. For layers whose factors do not fit
+      replicated; it adds collectives to every step. The padded shapes
+      depend on ``n``: restore a checkpoint onto the same axis size.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
@@ -211,9 +213,10 @@ def scale_by_kfac(
                      "inverse_axis of inverse_mesh: pass inverse_mesh=mesh.")
   adaptive = loss is not None
   factor_dtype = jnp.dtype(factor_dtype)
-  # One device along the axis: nothing to split (the axis is checked here).
-  shard_factors = shard_factors and _placement.axis_size(
-      inverse_mesh, inverse_axis) > 1
+  # Checks the axis name now; one device along it: nothing to split.
+  n_inverse = (1 if inverse_mesh is None
+               else _placement.axis_size(inverse_mesh, inverse_axis))
+  shard_factors = shard_factors and n_inverse > 1
   placement = dict(mesh=inverse_mesh, axis=inverse_axis, shard=shard_factors)
 
   def init_fn(params):

@@ -544,9 +544,17 @@ def test_padded_factors_precondition_like_unpadded():
       np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_shard_factors_needs_a_mesh():
+def test_shard_factors_needs_a_mesh_and_its_axis():
   with pytest.raises(ValueError, match="pass inverse_mesh=mesh"):
     kronjax.kfac(0.1, shard_factors=True)
+  mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+  with pytest.raises(ValueError, match="no axis 'model'"):  # when built
+    kronjax.kfac(0.1, inverse_mesh=mesh, inverse_axis="model")
+  # One device along the axis: nothing to split, the plain state.
+  tx = kronjax.kfac(0.1, inverse_mesh=mesh, shard_factors=True)
+  params = {"D": {"kernel": jnp.ones((6, 3)), "bias": jnp.ones(3)}}
+  factors = _kfac_state(tx.init(params)).factors["D"]
+  assert factors.a.shape == (7, 7) and factors.g.shape == (3, 3)
 
 
 def test_unknown_axis_is_an_error():
