@@ -82,8 +82,9 @@ def layer_block(
                      f"got shape {g.shape}.")
   _, n, positions, _ = g.shape
   if t.kind == "embed":
-    ids = t.inputs.reshape(-1)
-    counts = jnp.zeros((t.num_embeddings,), g.dtype).at[ids].add(1.0)
+    ids = t.inputs  # any shape: each id adds one (no reshape of a split axis)
+    counts = jnp.zeros((t.num_embeddings,), g.dtype).at[ids].add(
+        1.0, out_sharding=_replicated(ids))
     return Kron(counts / ids.size, _expand_g(g, n))
   a = t.inputs
   if a.ndim != 3 or a.shape[:2] != (n, positions):
@@ -95,28 +96,31 @@ def layer_block(
   if weight_sharing == "reduce":
     a_hat = a.mean(axis=1)
     g_hat = g.sum(axis=2)
-    return Kron(_gram(a_hat) / n,
-                _gram(g_hat.reshape(-1, g_hat.shape[-1])) / n)
-  a2 = a.reshape(-1, a.shape[-1])
-  return Kron(_gram(a2) / a2.shape[0], _expand_g(g, n))
+    return Kron(_gram(a_hat) / n, _gram(g_hat) / n)
+  return Kron(_gram(a) / (n * positions), _expand_g(g, n))
 
 
 def _expand_g(g: jax.Array, n: int) -> jax.Array:
-  return _gram(g.reshape(-1, g.shape[-1])) / n
+  return _gram(g) / n
 
 
 def _gram(x: jax.Array) -> jax.Array:
-  """``xᵀx``: a sum over rows, which may be split over a mesh's batch axis.
+  """``Σ x xᵀ`` over all leading axes of ``x`` (``xᵀx`` of its rows).
 
-  Under ``jax.sharding.AxisType.Explicit`` mesh axes JAX asks what sharding a
-  contraction over a sharded axis yields: replicated, as a factor is a sum
-  over the whole batch (an all-reduce). Elsewhere XLA infers the same.
+  One contraction, no reshape: the batch axis may be split over a mesh, and
+  under ``jax.sharding.AxisType.Explicit`` axes JAX can neither merge a split
+  axis with others nor guess a contraction's output sharding (replicated: a
+  factor is a sum over the whole batch, an all-reduce).
   """
+  return jnp.einsum("...i,...j->ij", x, x, out_sharding=_replicated(x))
+
+
+def _replicated(x: jax.Array) -> jax.sharding.NamedSharding | None:
+  """Replicated over ``x``'s mesh if its axes are explicit, else ``None``."""
   mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
-  out = None
   if getattr(mesh, "explicit_axes", ()):
-    out = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jnp.matmul(x.T, x, out_sharding=out)
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return None
 
 
 def uncovered_parameters(params: Any, layers) -> list[tuple[str, ...]]:
