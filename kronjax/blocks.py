@@ -107,12 +107,17 @@ def _expand_g(g: jax.Array, n: int) -> jax.Array:
 def _gram(x: jax.Array) -> jax.Array:
   """``Σ x xᵀ`` over all leading axes of ``x`` (``xᵀx`` of its rows).
 
-  One contraction, no reshape: the batch axis may be split over a mesh, and
-  under ``jax.sharding.AxisType.Explicit`` axes JAX can neither merge a split
-  axis with others nor guess a contraction's output sharding (replicated: a
-  factor is a sum over the whole batch, an all-reduce).
+  Under ``jax.sharding.AxisType.Explicit`` axes JAX can neither merge the
+  split batch axis with others nor guess a contraction's output sharding
+  (replicated: a factor is a sum over the whole batch, an all-reduce): one
+  einsum over all leading axes then. Elsewhere rows and a matmul, which XLA's
+  CPU backend runs twice as fast (7 ms against 15 ms at 25 088 × 145).
   """
-  return jnp.einsum("...i,...j->ij", x, x, out_sharding=_replicated(x))
+  out = _replicated(x)
+  if out is not None:
+    return jnp.einsum("...i,...j->ij", x, x, out_sharding=out)
+  rows = x.reshape(-1, x.shape[-1])
+  return rows.T @ rows
 
 
 def _replicated(x: jax.Array) -> jax.sharding.NamedSharding | None:
