@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from kronjax import _placement
+from kronjax import _sharded
 from kronjax import _precondition as pre
 from kronjax.blocks import fisher_blocks
 from kronjax.tape import LayerTape
@@ -64,8 +65,8 @@ def init_factors(layers, dtype, exact_damping, mesh=None, axis="data",
   if not shard:
     return factors
   n = _placement.axis_size(mesh, axis)
-  return _placement.shard_rows(
-      {k: _placement.pad_layer(f, n) for k, f in factors.items()}, mesh, axis)
+  return _sharded.shard_rows(
+      {k: _sharded.pad_layer(f, n) for k, f in factors.items()}, mesh, axis)
 
 
 def maintain_factors(factors, blocks_fn, keys, decay, min_eigenvalue,
@@ -74,30 +75,30 @@ def maintain_factors(factors, blocks_fn, keys, decay, min_eigenvalue,
   """Moving averages and eigendecompositions of the layers with blocks.
 
   With ``shard`` the factors are stored padded and split by rows over the
-  mesh axis (``_placement.pad_layer``); they stay so.
+  mesh axis (``kronjax._sharded``); they stay so.
   """
   sub = {key: factors[key] for key in keys}
-  sizes = None
+  _sharded.check_layout(sub, layers, keys, _placement.axis_size(mesh, axis)
+                        if shard else 1)
+  fn = lambda f: pre.refresh(f, min_eigenvalue, damping)
   if shard:
     sizes = {k: (layers[k].factor_shapes[0][0], layers[k].factor_shapes[1][0])
              for k in keys}
-    sub = _placement.shard_rows(sub, mesh, axis)  # were they given otherwise
+    sub = _sharded.shard_rows(sub, mesh, axis)  # were they given otherwise
+    refresh = lambda fs: _sharded.refresh(fs, fn, mesh, axis, sizes)
+  else:
+    refresh = lambda fs: _placement.refresh_distributed(fs, fn, mesh, axis)
 
   def update(fs):
     blocks = blocks_fn()
     if shard:  # summed over the batch first: XLA must not split the tapes
-      blocks = _placement.replicate(blocks, mesh)
+      blocks = _sharded.replicate(blocks, mesh)
     return {k: pre.update_factors(f, *blocks[k], decay) for k, f in fs.items()}
 
   sub = jax.lax.cond(update_now, update, lambda fs: fs, sub)
-  sub = jax.lax.cond(
-      refresh_now,
-      lambda fs: _placement.refresh_distributed(
-          fs, lambda f: pre.refresh(f, min_eigenvalue, damping), mesh, axis,
-          sizes),
-      lambda fs: fs, sub)
+  sub = jax.lax.cond(refresh_now, refresh, lambda fs: fs, sub)
   if shard:
-    sub = _placement.shard_rows(sub, mesh, axis)
+    sub = _sharded.shard_rows(sub, mesh, axis)
   return {**factors, **sub}
 
 
@@ -119,7 +120,7 @@ def precondition_tree(grads, covered, factors, damping, mesh=None,
                              (0, f.g.shape[0] - gamma.shape[1])])
     p = pre.precondition(f, padded, damping)
     if shard:
-      p = _placement.replicate(p, mesh)
+      p = _sharded.replicate(p, mesh)
     p = p[:gamma.shape[0], :gamma.shape[1]]
     return pre.from_matrix(covered[key], p, leaves)
 

@@ -18,19 +18,12 @@ decompositions may run on two devices (the π-split's inverses read both
 factors' traces, which every device has).
 
 No communication layer of our own: ``jax.shard_map``, ``lax.axis_index`` and
-``lax.all_gather`` lower to XLA collectives on any backend (CPU, GPU, TPU; one host
-or many after ``jax.distributed.initialize()``). The exchange carries only
-what a refresh derives (eigenvectors and eigenvalues, or inverses); the
-moving averages it reads are the same on every device and stay where they are.
-
-Where the factors do not fit replicated, they can be stored split by rows
-over the axis (``scale_by_kfac(shard_factors=True)``, as ZeRO splits Adam's
-moments): each matrix zero-padded to a multiple of the axis size
-(:func:`pad_layer`) and constrained to ``P(axis, None)`` (:func:`shard_rows`).
-A refresh then gathers the moving averages, crops each layer to its own size,
-and returns its results by a reduce-scatter (``lax.psum_scatter``) of
-zero-padded results instead: each device keeps its rows only. Preconditioning is left to
-XLA's partitioner, whose result is gathered (:func:`replicate`).
+``lax.all_gather`` lower to XLA collectives on any backend (CPU, GPU, TPU; one
+host or many after ``jax.distributed.initialize()``). The exchange carries
+only what a refresh derives (eigenvectors and eigenvalues, or inverses); the
+moving averages it reads are the same on every device and stay where they
+are. Factors stored split over the devices (``shard_factors=True``) are
+refreshed by ``kronjax._sharded`` with the same :class:`Plan`.
 
 References:
   Pauloski et al. 2021, KAISA: an adaptive second-order optimizer framework
@@ -48,13 +41,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 from kronjax import _precondition
 
-__all__ = ["assign", "axis_size", "crop_layer", "factor_costs",
-           "pad_layer", "pad_like", "refresh_distributed", "refresh_eighs",
-           "replicate", "shard_rows"]
+__all__ = ["Plan", "assign", "axis_size", "factor_costs",
+           "refresh_distributed", "refresh_eighs"]
 
 Factors = Any  # a NamedTuple of _precondition: LayerFactors, EmbeddingFactors...
 AxisNames = str | Sequence[str]
@@ -111,7 +103,7 @@ def axis_size(mesh: Mesh, axis_name: AxisNames) -> int:
   return math.prod(mesh.shape[a] for a in names)
 
 
-def _written(f: Factors, keep: bool = False) -> Factors:
+def written(f: Factors, keep: bool = False) -> Factors:
   """``f`` without the accumulators, or (``keep``) with only them.
 
   ``None`` is an empty pytree; a refresh reads only the accumulators.
@@ -120,98 +112,28 @@ def _written(f: Factors, keep: bool = False) -> Factors:
   return f._replace(**{name: None for name in drop})
 
 
-def _resize(f: Factors, size_a: int, size_g: int) -> Factors:
-  """Each array field cropped or zero-padded to ``size_a`` or ``size_g``.
-
-  Fields named ``a*`` are sized like ``A``, ``g*`` like ``G``, along every
-  axis; a diagonal ``A`` (a vector: an embedding's) is left as it is.
-  """
-  def resize(name, x):
-    if x is None or x.ndim == 0 or (name[0] == "a" and f.a.ndim == 1):
-      return x
-    size = size_a if name[0] == "a" else size_g
-    x = x[tuple(slice(0, size) for _ in x.shape)]
-    return jnp.pad(x, [(0, size - d) for d in x.shape])
-
-  return f._replace(**{name: resize(name, getattr(f, name))
-                       for name in f._fields})
-
-
-def crop_layer(f: Factors, d_a: int, d_g: int) -> Factors:
-  """A layer's factors at their own size ``(d_A, d_G)``; see :func:`pad_layer`."""
-  return _resize(f, d_a, d_g)
-
-
-def pad_like(f: Factors, like: Factors) -> Factors:
-  """``f`` zero-padded to the stored sizes of ``like``'s ``a`` and ``g``."""
-  return _resize(f, like.a.shape[0], like.g.shape[0])
-
-
-def pad_layer(f: Factors, multiple: int) -> Factors:
-  """``f`` with its dense factors zero-padded to a multiple of ``multiple``.
-
-  Rows of a matrix split over ``n`` devices must divide evenly, and ``A``
-  (inputs plus a bias row) rarely does. Zero rows and columns change nothing
-  that is used: a refresh crops them off first (:func:`crop_layer`), and a
-  padded inverse or eigenbasis has zeros there, which meet zero-padded
-  gradient rows.
-  """
-  up = lambda d: -(-d // multiple) * multiple
-  return _resize(f, up(f.a.shape[0]), up(f.g.shape[0]))
-
-
-def shard_rows(factors: dict[str, Factors], mesh: Mesh,
-               axis_name: AxisNames) -> dict[str, Factors]:
-  """Factor matrices split by rows over ``axis_name``; the rest replicated.
-
-  A sharding constraint under ``jit`` (``jax.sharding.reshard`` on explicit
-  mesh axes), a placement when called eagerly.
-  """
-  names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
-  return jax.tree.map(lambda x: _place(x, NamedSharding(
-      mesh, PartitionSpec(names, None) if x.ndim == 2 else PartitionSpec())),
-                      factors)
-
-
-def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Every array of ``tree`` replicated over every device of ``mesh``."""
-  return jax.tree.map(
-      lambda x: _place(x, NamedSharding(mesh, PartitionSpec())), tree)
-
-
-def _place(x: jax.Array, sharding: NamedSharding) -> jax.Array:
-  if sharding.mesh.explicit_axes:
-    return jax.sharding.reshard(x, sharding)
-  return jax.lax.with_sharding_constraint(x, sharding)
-
-
 def refresh_distributed(
     factors: dict[str, Factors],
     refresh_fn: Callable[[Factors], Factors],
     mesh: Mesh | None,
     axis_name: AxisNames = "data",
-    sizes: dict[str, tuple[int, int]] | None = None,
 ) -> dict[str, Factors]:
   """``{k: refresh_fn(f)}``, each factor computed on one device of an axis.
 
-  Every device of the mesh gets every result (or, with ``sizes``, its rows of
-  it). Works eagerly, inside ``jax.jit`` and under ``lax.cond``. Along the
-  mesh's other axes (if any) the devices with the same index on
-  ``axis_name`` repeat the same work; pass a tuple of axis names to spread it
-  over them too.
+  Every device of the mesh gets every result. Works eagerly, inside
+  ``jax.jit`` and under ``lax.cond``; the factors are taken as replicated (as
+  an optimizer state is under data parallelism; for factors split by rows see
+  ``kronjax._sharded.refresh``). Along the mesh's other axes (if any) the
+  devices with the same index on ``axis_name`` repeat the same work; pass a
+  tuple of axis names to spread it over them too.
 
   Args:
     factors: ``{layer_key: factors}``, the NamedTuples of
-      ``kronjax._precondition``; replicated, or stored padded and split by
-      rows (see :func:`pad_layer`, :func:`shard_rows`).
+      ``kronjax._precondition``.
     refresh_fn: one layer's refresh; it must not change the accumulators
       ``a``, ``g`` and ``weight`` (they are not exchanged).
     mesh: the devices; ``None`` refreshes every layer here, in a plain loop.
     axis_name: the mesh axis (or axes) whose devices share the work.
-    sizes: ``{layer_key: (d_A, d_G)}`` when the factors are stored padded:
-      each layer is refreshed at its own size (cropped, then padded back) and
-      its matrices come back split by rows over ``axis_name`` (a
-      reduce-scatter: no device holds every result).
 
   Returns:
     ``{layer_key: refreshed factors}``, equal to the plain loop's.
@@ -219,84 +141,96 @@ def refresh_distributed(
   References:
     Pauloski et al. 2021 (KAISA).
   """
-  def one(k, f):
-    if sizes is None:
-      return refresh_fn(f)
-    return pad_like(refresh_fn(crop_layer(f, *sizes[k])), f)
-
   n = 1 if mesh is None else axis_size(mesh, axis_name)
   if n == 1 or not factors:
-    return {k: one(k, f) for k, f in factors.items()}
-  names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
-  owners = assign({(k, side): c for k, f in factors.items()
-                   for side, c in factor_costs(f).items()}, n)
-  # One branch per distinct set of factors: idle devices share one.
-  owned = [frozenset(item for item, i in owners.items() if i == device)
-           for device in range(n)]
-  groups = sorted(set(owned), key=sorted)
-  branch_of = jnp.asarray([groups.index(o) for o in owned], jnp.int32)
-  split = lambda x: sizes is not None and x.ndim == 2
-  # Only the accumulators go in (gathered, when stored split).
-  inputs = {k: _written(f, keep=True) for k, f in factors.items()}
-  if sizes is not None:
-    inputs = replicate(inputs, mesh)
+    return {k: refresh_fn(f) for k, f in factors.items()}
+  names = axis_names(axis_name)
+  plan = Plan(factors, n)
+  # Only the accumulators go in.
+  inputs = {k: written(f, keep=True) for k, f in factors.items()}
 
   def per_device(fs):
     # Traced here, where the axis is bound, as refresh_fn may use it.
-    shapes = {k: _written(jax.eval_shape(lambda f, k=k: one(k, f), f))
-              for k, f in fs.items()}
+    shapes = {k: written(jax.eval_shape(refresh_fn, f)) for k, f in fs.items()}
     fields = {(k, name): x for k, w in shapes.items()
               for name, x in w._asdict().items() if x is not None}
-
-    def computed(mine, fs):
-      """``{(key, field): array}`` of the factors in ``mine``.
-
-      A layer's refresh, of which only this device's factors are kept: XLA
-      drops the other factor's (unused) decomposition.
-      """
-      out = {}
-      for k, f in fs.items():
-        if {(k, "a"), (k, "g")} & mine:
-          done = _written(one(k, f))
-          out.update({(kk, name): getattr(done, name) for kk, name in fields
-                      if kk == k and (k, name[0]) in mine})
-      return out
-
-    index = branch_of[jax.lax.axis_index(names)]
-    if sizes is None:
-      gathered = _all_gather_fields(computed, index, groups, owned, fields,
-                                    fs, names)
-    else:
-      # Zeros where not computed: a reduce-scatter leaves each device the
-      # owner's rows (adding exact zeros), and only them.
-      def branch(mine):
-        return lambda fs: computed(mine, fs) | {
-            item: jnp.zeros(x.shape, x.dtype) for item, x in fields.items()
-            if (item[0], item[1][0]) not in mine}
-
-      mine = jax.lax.switch(index, [branch(g) for g in groups], fs)
-      gathered = {item: jax.lax.psum_scatter(x, names, scatter_dimension=0,
-                                             tiled=True) if split(x)
-                  else jax.lax.psum(x, names) for item, x in mine.items()}
+    computed = lambda mine, fs: plan.computed(mine, fs, refresh_fn, fields)
+    index = plan.branch_of[jax.lax.axis_index(names)]
+    gathered = _all_gather_fields(computed, index, plan, fields, fs, names)
     return {k: w._replace(**{name: gathered[(k, name)]
                              for name, x in w._asdict().items()
                              if x is not None})
             for k, w in shapes.items()}
 
-  out_specs = {k: jax.tree.map(
-      lambda x: PartitionSpec(names, None) if split(x) else PartitionSpec(),
-      _written(f)) for k, f in factors.items()}
   # check_vma=False: jax types an all-gather's result as varying over the
   # axis, though every device holds the same (out_specs P() says so).
-  written = jax.shard_map(per_device, mesh=mesh, in_specs=(PartitionSpec(),),
-                          out_specs=out_specs, axis_names=set(names),
-                          check_vma=False)(inputs)
+  written_ = jax.shard_map(per_device, mesh=mesh,
+                           in_specs=(PartitionSpec(),),
+                           out_specs=PartitionSpec(), axis_names=set(names),
+                           check_vma=False)(inputs)
+  return with_accumulators(written_, factors)
+
+
+class Plan:
+  """The static placement of a refresh: who computes which factor.
+
+  Attributes:
+    owners: ``{(layer_key, "a" | "g"): device}`` (:func:`assign`).
+    owned: per device, the frozenset of factors it computes.
+    groups: the distinct sets among ``owned`` (idle devices share one): one
+      ``lax.switch`` branch each.
+    branch_of: per device, the index of its branch (an int32 array).
+  """
+
+  def __init__(self, factors: dict[str, Factors], n: int):
+    self.owners = assign({(k, side): c for k, f in factors.items()
+                          for side, c in factor_costs(f).items()}, n)
+    self.owned = [frozenset(item for item, i in self.owners.items()
+                            if i == device) for device in range(n)]
+    self.groups = sorted(set(self.owned), key=sorted)
+    self.branch_of = jnp.asarray([self.groups.index(o) for o in self.owned],
+                                 jnp.int32)
+
+  @staticmethod
+  def layers(mine) -> list[str]:
+    """The layers with a factor in ``mine``, sorted."""
+    return sorted({k for k, _ in mine})
+
+  @staticmethod
+  def computed(mine, fs, refresh_fn, fields):
+    """``{(key, field): array}`` of the factors in ``mine``.
+
+    A layer's refresh, of which only this device's factors are kept: XLA
+    drops the other factor's (unused) decomposition.
+    """
+    out = {}
+    for k in Plan.layers(mine):
+      done = written(refresh_fn(fs[k]))
+      out.update({(kk, name): getattr(done, name) for kk, name in fields
+                  if kk == k and (k, name[0]) in mine})
+    return out
+
+
+def axis_names(axis_name: AxisNames) -> tuple[str, ...]:
+  return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+
+
+def with_accumulators(refreshed: dict[str, Factors],
+                      factors: dict[str, Factors]) -> dict[str, Factors]:
+  """``refreshed`` with the accumulators of ``factors`` put back."""
   return {k: w._replace(**{name: getattr(factors[k], name)
                            for name in _ACCUMULATORS})
-          for k, w in written.items()}
+          for k, w in refreshed.items()}
 
 
-def _all_gather_fields(computed, index, groups, owned, fields, fs, names):
+def pack(arrays, length: int, dtype) -> jax.Array:
+  """The arrays flattened into one ``(length,)`` buffer, zero-padded."""
+  flat = [x.astype(dtype).ravel() for x in arrays]
+  used = sum(x.size for x in flat)
+  return jnp.concatenate(flat + [jnp.zeros(length - used, dtype)])
+
+
+def _all_gather_fields(computed, index, plan, fields, fs, names):
   """Every device's computed fields, exchanged by one all-gather.
 
   Each device packs what it computed into one flat buffer (as long as the
@@ -306,22 +240,21 @@ def _all_gather_fields(computed, index, groups, owned, fields, fs, names):
   """
   dtype = jnp.result_type(*fields.values())
   order = {mine: sorted(item for item in fields
-                        if (item[0], item[1][0]) in mine) for mine in groups}
+                        if (item[0], item[1][0]) in mine)
+           for mine in plan.groups}
   size = lambda item: math.prod(fields[item].shape)
   length = max(sum(map(size, items)) for items in order.values())
 
   def branch(mine):
     def run(fs):
       done = computed(mine, fs)
-      flat = [done[item].astype(dtype).ravel() for item in order[mine]]
-      used = sum(map(size, order[mine]))
-      return jnp.concatenate(flat + [jnp.zeros(length - used, dtype)])
+      return pack([done[i] for i in order[mine]], length, dtype)
     return run
 
   buffers = jax.lax.all_gather(
-      jax.lax.switch(index, [branch(g) for g in groups], fs), names)
+      jax.lax.switch(index, [branch(g) for g in plan.groups], fs), names)
   out = {}
-  for device, mine in enumerate(owned):
+  for device, mine in enumerate(plan.owned):
     offset = 0
     for item in order[mine]:
       x = fields[item]

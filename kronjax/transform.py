@@ -23,6 +23,7 @@ from optax import GradientTransformationExtraArgs, ScalarOrSchedule
 
 from kronjax import _curvature
 from kronjax import _placement
+from kronjax import _sharded
 from kronjax import _precondition as pre
 from kronjax import _quadratic as quad
 from kronjax._routing import all_finite, full_params_view, param_labels
@@ -183,9 +184,9 @@ def scale_by_kfac(
     shard_factors: store every factor matrix (moving averages, eigenvectors
       or inverses) split by rows over ``inverse_axis`` of ``inverse_mesh``
       (zero-padded to a multiple of its size), as ZeRO does with Adam's
-      moments: each device holds ``1/n`` of the curvature state (the blocks
-      are reduce-scattered into it), a refresh gathers the averages for the
-      time it takes and scatters its results, and XLA partitions the
+      moments: each device holds ``1/n`` of the curvature state, a refresh
+      sends each factor's rows to the one device that refreshes it and the
+      results' rows back (two all-to-alls), and XLA partitions the
       preconditioning matmuls. For layers whose factors do not fit
       replicated; it adds collectives to every step. The padded shapes
       depend on ``n``: restore a checkpoint onto the same axis size.
@@ -273,7 +274,7 @@ def scale_by_kfac(
       new = new._replace(coefficients=jnp.stack(
           [scale, jnp.zeros_like(scale)]).astype(factor_dtype))
     if shard_factors:  # the updates must not inherit the factors' split
-      out, prev = _placement.replicate((out, new.prev_step), inverse_mesh)
+      out, prev = _sharded.replicate((out, new.prev_step), inverse_mesh)
       new = new._replace(prev_step=prev)
     keep = lambda n, o: jnp.where(ok, n, o)
     out = jax.tree.map(lambda u: keep(u, jnp.zeros_like(u)), out)

@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import kronjax
 from kronjax import _curvature
 from kronjax import _placement
+from kronjax import _sharded
 from kronjax import _precondition as pre
 
 CE = kronjax.losses.softmax_cross_entropy
@@ -227,8 +228,8 @@ def check_sharded_factors(model_name):
       here += sum(m.addressable_shards[0].data.nbytes for m in f)
       total += sum(m.nbytes for m in pre.init_factors(
           pre.find_layers(params)[key], jnp.float32, exact))
-    # The blocks are reduce-scattered into the split averages (half an
-    # all-reduce's traffic), never computed from gathered tapes.
+    # The blocks are summed over the batch, never computed from gathered
+    # tapes; refreshes exchange rows (all-to-all).
     ops = sorted({op for op, _ in _assert_no_batch_collective(hlo, n)})
     report[f"{mode}/{n}"] = {"per_device": here / total, "ops": ops}
   return report
@@ -282,12 +283,12 @@ def check_sharded_factors_hlo():
   tx = _tx("fixed", inverse_mesh=mesh, shard_factors=True)
   tape_fn = kronjax.flax.value_grad_and_tape(model, CE, fisher="mc")
 
-  def step(params, state, rng):  # the README's, tapes as curvature
+  def step(params, state, x, y, rng):  # the README's, tapes as curvature
     loss, grads, tape = tape_fn(params, x, y, rng)
     updates, state = tx.update(grads, state, params, curvature=tape)
     return optax.apply_updates(params, updates), state, loss
 
-  hlo = jax.jit(step).lower(params, jax.jit(tx.init)(params),
+  hlo = jax.jit(step).lower(params, jax.jit(tx.init)(params), x, y,
                             jax.random.key(0)).compile().as_text()
   found = _collectives(hlo)
   for op, shapes in found:
@@ -329,7 +330,7 @@ def check_model_parallel():
   return report
 
 
-def _random_factors(seed=0):
+def _random_factors(seed=0, exact=True):
   """Refreshable factors of dense layers of assorted sizes and an embedding."""
   rng = np.random.default_rng(seed)
   sizes = [(7, 5), (12, 3), (30, 20), (4, 4), (9, 16), (2, 2), (25, 6)]
@@ -338,7 +339,7 @@ def _random_factors(seed=0):
   specs.append(pre.LayerSpec(("E",), "embed", (11, 6), None))
   factors = {}
   for spec in specs:
-    f = pre.init_factors(spec, jnp.float32)
+    f = pre.init_factors(spec, jnp.float32, exact)
     a = rng.normal(size=(f.a.shape[0], 2 * f.a.shape[0]))
     g = rng.normal(size=(f.g.shape[0], 2 * f.g.shape[0]))
     a = np.abs(a[:, 0]) if f.a.ndim == 1 else a @ a.T / a.shape[1]
@@ -399,22 +400,28 @@ def check_placement():
     for a, b in zip(jax.tree.leaves(factors), jax.tree.leaves(skipped)):
       np.testing.assert_array_equal(a, b)
     report[n] = {f"{k}/{side}": i for (k, side), i in owners.items()}
-    # Stored padded and split by rows: the same results, scattered by rows.
-    sizes = {k: (f.a.shape[0], f.g.shape[0]) for k, f in factors.items()}
-    split = _placement.shard_rows(
-        {k: _placement.pad_layer(f, n) for k, f in factors.items()}, mesh,
-        "data")
-    got = jax.jit(lambda fs: _placement.refresh_distributed(
-        fs, lambda f: pre.refresh_eigh(f, 1e-3), mesh, "data", sizes))(split)
-    rows = NamedSharding(mesh, P("data", None))
-    for k, f in got.items():
-      for a, b in zip(jax.tree.leaves(want[k]),
-                      jax.tree.leaves(_placement.crop_layer(f, *sizes[k]))):
-        np.testing.assert_array_equal(a, b)
-      np.testing.assert_array_equal(  # the padding stays zero
-          _placement.pad_like(_placement.crop_layer(f, *sizes[k]), f).g_eigvecs,
-          f.g_eigvecs)
-      assert f.g_eigvecs.sharding.is_equivalent_to(rows, 2), f.g_eigvecs
+    # Stored padded and split by rows: the same results, split by rows; both
+    # refreshes (eigenbases; the π-split's inverses, which read both traces).
+    for fs, fn in ((factors, lambda f: pre.refresh_eigh(f, 1e-3)),
+                   (_random_factors(exact=False),
+                    lambda f: pre.refresh(f, 1e-3, 1e-2))):
+      sizes = {k: (f.a.shape[0], f.g.shape[0]) for k, f in fs.items()}
+      split = _sharded.shard_rows(
+          {k: _sharded.pad_layer(f, n) for k, f in fs.items()}, mesh, "data")
+      got = jax.jit(lambda fs, fn=fn, sizes=sizes: _sharded.refresh(
+          fs, fn, mesh, "data", sizes))(split)
+      plain = jax.jit(lambda fs, fn=fn: {k: fn(f) for k, f in fs.items()})(fs)
+      rows = NamedSharding(mesh, P("data", None))
+      for k, f in got.items():
+        mine = _sharded.crop_layer(f, *sizes[k])
+        for a, b in zip(jax.tree.leaves(plain[k]), jax.tree.leaves(mine)):
+          # Another program: its Cholesky solves may round differently.
+          np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        for a, b in zip(jax.tree.leaves(_sharded.pad_like(mine, f)),
+                        jax.tree.leaves(f)):  # the padding is as made
+          np.testing.assert_array_equal(a, b)
+        for x in (x for x in f if x.ndim == 2):
+          assert x.sharding.is_equivalent_to(rows, 2), (k, x.sharding)
   # A 2-D mesh: place over both axes, or over one (the other repeats it).
   mesh = _mesh((4, 2), ("data", "model"))
   for axes in (("data", "model"), "model"):
@@ -459,13 +466,12 @@ def test_sharded_factors_give_the_same_steps(model_name):
     # keep these tiny layers above 1/n (benchmarks/distributed.py measures
     # wide ones); the matrices' shards were checked in the subprocess.
     assert got["per_device"] < 0.35, got
-    assert {"all-gather", "reduce-scatter"} <= set(got["ops"]), got
+    assert {"all-gather", "all-to-all"} <= set(got["ops"]), got
 
 
-def test_sharded_factors_reduce_scatter_the_blocks():
-  # The blocks go straight into the split averages, by a reduce-scatter;
-  # no batch-sized array is moved (checked in the subprocess).
-  assert "reduce-scatter" in _check("check_sharded_factors_hlo", devices=4)
+def test_sharded_factors_move_no_batch_sized_array():
+  # Checked in the subprocess; the refresh exchanges rows by all-to-all.
+  assert "all-to-all" in _check("check_sharded_factors_hlo", devices=4)
 
 
 def test_explicit_mesh_axes():
@@ -545,14 +551,17 @@ def test_padded_factors_precondition_like_unpadded():
       a = np.abs(a[:, 0]) if f.a.ndim == 1 else a @ a.T / 12
       factors[k] = pre.update_factors(f, jnp.asarray(a), jnp.asarray(g @ g.T),
                                       .5)
-    padded = {k: _placement.pad_layer(f, 4) for k, f in factors.items()}
+    padded = {k: _sharded.pad_layer(f, 4) for k, f in factors.items()}
     assert padded["D"].a.shape == (8, 8) and padded["E"].g.shape == (8, 8)
     assert padded["E"].a.shape == (9,)  # a diagonal A is not padded
-    fn = lambda f: pre.refresh(f, 1e-6, 1e-2)
-    plain = _placement.refresh_distributed(factors, fn, None)
-    padded = _placement.refresh_distributed(padded, fn, None, "data", sizes)
-    want = _curvature.precondition_tree(grads, layers, plain, 1e-2)
-    got = _curvature.precondition_tree(grads, layers, padded, 1e-2)
+    # λ = 0 with exact damping: padded eigenvalues must not give 0 / 0.
+    fn = lambda f: pre.refresh(f, 1e-6, 0.0 if exact else 1e-2)
+    plain = {k: fn(f) for k, f in factors.items()}
+    padded = {k: _sharded.pad_like(fn(_sharded.crop_layer(f, *sizes[k])), f)
+              for k, f in padded.items()}  # as _sharded.refresh does
+    lam = 0.0 if exact else 1e-2
+    want = _curvature.precondition_tree(grads, layers, plain, lam)
+    got = _curvature.precondition_tree(grads, layers, padded, lam)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
       np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
@@ -568,6 +577,24 @@ def test_shard_factors_needs_a_mesh_and_its_axis():
   params = {"D": {"kernel": jnp.ones((6, 3)), "bias": jnp.ones(3)}}
   factors = _kfac_state(tx.init(params)).factors["D"]
   assert factors.a.shape == (7, 7) and factors.g.shape == (3, 3)
+
+
+def test_a_state_of_another_layout_is_an_error():
+  """A checkpoint of split (padded) factors given to a replicated optimizer."""
+  tx = kronjax.kfac(0.1)
+  params = {"D": {"kernel": jnp.ones((6, 3)), "bias": jnp.ones(3)}}
+  state = tx.init(params)
+  padded = jax.tree.map(
+      lambda s: s._replace(factors={k: _sharded.pad_layer(f, 4)
+                                    for k, f in s.factors.items()})
+      if isinstance(s, kronjax.transform.KfacState) else s, state,
+      is_leaf=lambda s: isinstance(s, kronjax.transform.KfacState))
+  blocks = {("D",): kronjax.linalg.Kron(jnp.eye(7), jnp.eye(3))}
+  tx.update(params, state, params, curvature=blocks)  # its own: fine
+  with pytest.raises(ValueError, match=r"Layer D: the optimizer state has "
+                     r"factors A \(8, 8\) and G \(4, 4\), but this optimizer "
+                     r"stores A \(7, 7\) and G \(3, 3\) \(replicated"):
+    tx.update(params, padded, params, curvature=blocks)
 
 
 def test_unknown_axis_is_an_error():
