@@ -16,8 +16,8 @@ starts) builds a 1-D ``"data"`` mesh and measures, for an MLP
   the refresh's cost made visible) and with none (``inverse_every`` off: the
   layouts' per-step overhead);
 - memory per device from ``Compiled.memory_analysis()``: the K-FAC state
-  (the step's outputs minus the params) and the step's temporaries; and the
-  factor state per device of a wide MLP 1024-4096-4096-4096-10 (init only).
+  (the step's outputs minus the params) and the step's temporaries, for this
+  MLP and a wide one, 1024-2048-2048-10 (compiled, not run).
 
 On a machine with fewer cores than simulated devices, the devices share the
 cores: the timings then show the overheads of partitioning and collectives,
@@ -42,7 +42,7 @@ import time
 RESULTS = pathlib.Path(__file__).parent / "results"
 DEVICE_COUNTS = (1, 2, 4, 8)
 WIDTHS = (192, 128, 96, 64, 48)
-WIDE = (1024, 4096, 4096, 4096)  # memory only
+WIDE = (1024, 2048, 2048)  # memory only
 BATCH = 256
 
 
@@ -88,8 +88,10 @@ def worker(n: int, repeats: int) -> dict:
               for k, v in LAYOUTS[layout].items()}
     return kronjax.kfac(0.1, damping=1e-2, inverse_every=every, **kwargs)
 
-  def step_fn(tx):
-    def step(params, state, rng):
+  def step_fn(tx, tape_fn):
+    # The batch is an argument: closed over, jit would take it as a constant
+    # and every device would compute the whole batch.
+    def step(params, state, x, y, rng):
       loss, grads, tape = tape_fn(params, x, y, rng)
       updates, state = tx.update(grads, state, params, curvature=tape)
       return optax.apply_updates(params, updates), state, loss
@@ -101,9 +103,9 @@ def worker(n: int, repeats: int) -> dict:
     for every, label in ((1, "refresh"), (10 ** 9, "no_refresh")):
       tx = make_tx(layout, every)
       state = jax.jit(tx.init)(params)
-      compiled = jax.jit(step_fn(tx)).lower(
-          params, state, jax.random.key(2)).compile()
-      p, s, _ = compiled(params, state, jax.random.key(2))  # first refresh
+      compiled = jax.jit(step_fn(tx, tape_fn)).lower(
+          params, state, x, y, jax.random.key(2)).compile()
+      p, s, _ = compiled(params, state, x, y, jax.random.key(2))  # refresh
       runs[f"{layout}_{label}"] = (compiled, p, s)
       if label == "refresh":
         mem = compiled.memory_analysis()
@@ -116,18 +118,25 @@ def worker(n: int, repeats: int) -> dict:
   for _ in range(repeats):
     for name, (compiled, p, s) in runs.items():
       start = time.perf_counter()
-      jax.block_until_ready(compiled(p, s, jax.random.key(3)))
+      jax.block_until_ready(compiled(p, s, x, y, jax.random.key(3)))
       times[name].append(time.perf_counter() - start)
   for name, ts in times.items():
     out[f"{name}_ms"] = 1e3 * sorted(ts)[len(ts) // 2]
+  # Memory of a wide MLP's step (compiled, not run), a refresh every step.
   wide = Mlp(WIDE[1:])
-  wide_params = jax.eval_shape(wide.init, jax.random.key(0),
-                               jnp.zeros((1, WIDE[0])))["params"]
-  for layout in ("placed", "sharded"):
-    tx = make_tx(layout, 10)
-    init = jax.jit(tx.init, in_shardings=rep).lower(wide_params).compile()
-    out[f"wide_{layout}_state_mib"] = (
-        init.memory_analysis().output_size_in_bytes / 2 ** 20)
+  wide_x = jax.device_put(jnp.zeros((BATCH, WIDE[0])), data)
+  wide_params = jax.device_put(
+      wide.init(jax.random.key(0), wide_x[:1])["params"], rep)
+  wide_tape_fn = kronjax.flax.value_grad_and_tape(wide, ce, fisher="mc")
+  params_mib = sum(a.nbytes for a in jax.tree.leaves(wide_params)) / 2 ** 20
+  for layout in LAYOUTS:
+    tx = make_tx(layout, 1)
+    mem = jax.jit(step_fn(tx, wide_tape_fn)).lower(
+        wide_params, jax.jit(tx.init)(wide_params), wide_x, y,
+        jax.random.key(0)).compile().memory_analysis()
+    out[f"wide_{layout}_state_mib"] = (mem.output_size_in_bytes / 2 ** 20
+                                       - params_mib)
+    out[f"wide_{layout}_temp_mib"] = mem.temp_size_in_bytes / 2 ** 20
 
   state = jax.jit(make_tx("placed", 10).init)(params)
   (state,) = [z for z in jax.tree.leaves(
@@ -166,19 +175,18 @@ def _table(rows, cores) -> str:
         f"{r['cost_busiest']:.3g} | {r['cost_busiest'] / r['cost_total']:.2f}"
         f" | {r['factors_per_device']} |")
   lines += [
-      "", "Memory per device (KiB; `Compiled.memory_analysis()`): the K-FAC "
-      "state and the step's temporaries; and the factor state of MLP "
-      f"{'-'.join(map(str, WIDE))}-10 (MiB).", "",
-      "| devices | state, replicated | state, placed | state, sharded "
-      "| temp, replicated | temp, sharded | wide MLP, placed | wide MLP, "
-      "sharded |", "|---|---|---|---|---|---|---|---|"]
+      "", "Memory per device (`Compiled.memory_analysis()` of the step with "
+      "a refresh): the K-FAC state (outputs minus params) and the step's "
+      f"temporaries, KiB; the same for MLP {'-'.join(map(str, WIDE))}-10, "
+      "MiB.", "",
+      "| devices | state: replicated / placed / sharded | temp: replicated / "
+      "placed / sharded | wide state | wide temp |", "|---|---|---|---|---|"]
   for r in rows:
+    trio = lambda fmt: " / ".join(format(r[fmt.format(l)], ".0f")
+                                  for l in LAYOUTS)
     lines.append(
-        f"| {r['devices']} | {r['replicated_state_kib']:.0f} | "
-        f"{r['placed_state_kib']:.0f} | {r['sharded_state_kib']:.0f} | "
-        f"{r['replicated_temp_kib']:.0f} | {r['sharded_temp_kib']:.0f} | "
-        f"{r['wide_placed_state_mib']:.0f} | "
-        f"{r['wide_sharded_state_mib']:.0f} |")
+        f"| {r['devices']} | {trio('{}_state_kib')} | {trio('{}_temp_kib')} "
+        f"| {trio('wide_{}_state_mib')} | {trio('wide_{}_temp_mib')} |")
   lines += [
       "", f"Step time (ms) on {cores} shared cores: overheads of "
       "partitioning and collectives, not speed-ups.", "",
