@@ -91,7 +91,10 @@ def maintain_factors(factors, blocks_fn, keys, decay, min_eigenvalue,
 
   def update(fs):
     blocks = blocks_fn()
-    if shard:  # summed over the batch first: XLA must not split the tapes
+    if shard:  # Whole-batch sums before the split. With a batch that jit
+      # took as a constant, XLA otherwise split the tapes to match the
+      # factors and gathered batch-sized arrays; with a sharded batch it
+      # changes nothing (the blocks are all-reduced either way).
       blocks = _sharded.replicate(blocks, mesh)
     return {k: pre.update_factors(f, *blocks[k], decay) for k, f in fs.items()}
 

@@ -152,15 +152,11 @@ def refresh_distributed(
   def per_device(fs):
     # Traced here, where the axis is bound, as refresh_fn may use it.
     shapes = {k: written(jax.eval_shape(refresh_fn, f)) for k, f in fs.items()}
-    fields = {(k, name): x for k, w in shapes.items()
-              for name, x in w._asdict().items() if x is not None}
-    computed = lambda mine, fs: plan.computed(mine, fs, refresh_fn, fields)
+    outputs = fields(shapes)
+    computed = lambda mine, fs: plan.computed(mine, fs, refresh_fn, outputs)
     index = plan.branch_of[jax.lax.axis_index(names)]
-    gathered = _all_gather_fields(computed, index, plan, fields, fs, names)
-    return {k: w._replace(**{name: gathered[(k, name)]
-                             for name, x in w._asdict().items()
-                             if x is not None})
-            for k, w in shapes.items()}
+    return from_fields(shapes, _all_gather_fields(
+        computed, index, plan, outputs, fs, names))
 
   # check_vma=False: jax types an all-gather's result as varying over the
   # axis, though every device holds the same (out_specs P() says so).
@@ -213,6 +209,20 @@ class Plan:
 
 def axis_names(axis_name: AxisNames) -> tuple[str, ...]:
   return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+
+
+def fields(factors: dict[str, Factors]) -> dict[tuple[str, str], Any]:
+  """``{(layer_key, field name): value}`` of the fields that are not None."""
+  return {(k, name): x for k, f in factors.items()
+          for name, x in f._asdict().items() if x is not None}
+
+
+def from_fields(like: dict[str, Factors],
+                values: dict[tuple[str, str], Any]) -> dict[str, Factors]:
+  """``like`` with each field of :func:`fields` taken from ``values``."""
+  return {k: f._replace(**{name: values[(k, name)]
+                           for name, x in f._asdict().items() if x is not None})
+          for k, f in like.items()}
 
 
 def with_accumulators(refreshed: dict[str, Factors],

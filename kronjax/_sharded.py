@@ -160,10 +160,8 @@ def refresh(factors: dict[str, Factors],
   split = lambda x: x is not None and x.ndim == 2
   needs = {mine: [(k, s) for k in plan.layers(mine) for s in ("a", "g")
                   if split(getattr(factors[k], s))] for mine in plan.groups}
-  gives = {mine: [(k, name) for k in plan.layers(mine)
-                  for name, x in shapes[k]._asdict().items()
-                  if x is not None and (k, name[0]) in mine]
-           for mine in plan.groups}
+  gives = {mine: [(k, name) for k, name in _placement.fields(shapes)
+                  if (k, name[0]) in mine] for mine in plan.groups}
   block = lambda x: x.size // n if split(x) else x.size  # per destination
   field = lambda item: getattr(shapes[item[0]], item[1])
   accumulator = lambda item: getattr(factors[item[0]], item[1])
@@ -214,9 +212,7 @@ def refresh(factors: dict[str, Factors],
         out[item] = back[source, offset:offset + block(x)].reshape(
             local).astype(x.dtype)
         offset += block(x)
-    return {k: w._replace(**{name: out[(k, name)]
-                             for name, x in w._asdict().items()
-                             if x is not None}) for k, w in shapes.items()}
+    return _placement.from_fields(shapes, out)
 
   spec = lambda x: PartitionSpec(names, None) if split(x) else PartitionSpec()
   written = jax.shard_map(
