@@ -261,12 +261,11 @@ def make_kronjax(lr, factor_every: int = 1) -> Runner:
   if adaptive:
     wanted = dict(learning_rate=None, loss=loss_obj,
                   inverse_every=INVERSE_EVERY, decay=FACTOR_DECAY,
-                  exact_damping=False, factor_every=factor_every)
+                  factor_every=factor_every)
   else:
     wanted = dict(learning_rate=lr[0], damping=lr[1],
                   momentum=FIXED_MOMENTUM, inverse_every=INVERSE_EVERY,
-                  decay=FACTOR_DECAY, exact_damping=False,
-                  factor_every=factor_every)
+                  decay=FACTOR_DECAY, factor_every=factor_every)
   if adaptive:
     kwargs, dropped = _kronjax_kwargs(kronjax.kfac, wanted)
     tx, built_as = kronjax.kfac(**kwargs), "kronjax.kfac"

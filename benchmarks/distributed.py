@@ -4,15 +4,15 @@ For each device count a fresh process (``XLA_FLAGS`` must be set before jax
 starts) builds a 1-D ``"data"`` mesh and measures, for an MLP
 64-192-128-96-64-48-10 (12 factors of sizes 10 to 193), batch sharded:
 
-- the placement (``kronjax._placement.assign``, factor by factor):
+- the placement (``kronjax._distributed.Plan``, factor by factor):
   decompositions and ``Σ d³`` of the busiest device, against one device
   doing all of them;
 - a whole ``kronjax.kfac`` train step (tape, blocks, fixed step) in three
   layouts: ``replicated`` (every device refreshes every layer, as plain data
-  parallelism does), ``placed`` (``inverse_mesh=mesh``: each factor's
-  refresh on one device, results all-reduced) and ``sharded``
-  (``shard_factors=True`` too: factors stored split by rows, results
-  reduce-scattered); each with a refresh on every step (``inverse_every=1``,
+  parallelism does), ``placed`` (``placement=kronjax.Placement(mesh)``:
+  each factor's refresh on one device, results all-gathered) and
+  ``sharded`` (``Placement(mesh, sharded=True)``: factors stored split by
+  rows, rows exchanged by all-to-all); each with a refresh on every step (``inverse_every=1``,
   the refresh's cost made visible) and with none (``inverse_every`` off: the
   layouts' per-step overhead);
 - memory per device from ``Compiled.memory_analysis()``: the K-FAC state
@@ -46,8 +46,7 @@ WIDE = (1024, 2048, 2048)  # memory only
 BATCH = 256
 
 
-LAYOUTS = {"replicated": {}, "placed": {"inverse_mesh": True},
-           "sharded": {"inverse_mesh": True, "shard_factors": True}}
+LAYOUTS = {"replicated": None, "placed": False, "sharded": True}  # sharded=
 
 
 def worker(n: int, repeats: int) -> dict:
@@ -59,7 +58,7 @@ def worker(n: int, repeats: int) -> dict:
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   import kronjax
-  from kronjax import _placement
+  from kronjax import _distributed
 
   assert jax.device_count() == n, (jax.device_count(), n)
   ce = kronjax.losses.softmax_cross_entropy
@@ -84,9 +83,11 @@ def worker(n: int, repeats: int) -> dict:
   x, y = jax.device_put((x, y), data)
 
   def make_tx(layout, every):
-    kwargs = {k: mesh if k == "inverse_mesh" else v
-              for k, v in LAYOUTS[layout].items()}
-    return kronjax.kfac(0.1, damping=1e-2, inverse_every=every, **kwargs)
+    sharded = LAYOUTS[layout]
+    placement = (None if sharded is None
+                 else kronjax.Placement(mesh, "data", sharded=sharded))
+    return kronjax.kfac(0.1, damping=1e-2, inverse_every=every,
+                        placement=placement)
 
   def step_fn(tx, tape_fn):
     # The batch is an argument: closed over, jit would take it as a constant
@@ -143,12 +144,12 @@ def worker(n: int, repeats: int) -> dict:
       state, is_leaf=lambda s: isinstance(s, kronjax.KfacState))
               if isinstance(z, kronjax.KfacState)]
   factors = state.factors
-  costs = {(k, side): c for k, f in factors.items()
-           for side, c in _placement.factor_costs(f).items()}
-  owners = _placement.assign(costs, n)
+  costs = {(k, side): _distributed.factor_cost(getattr(f, side).ema)
+           for k, f in factors.items() for side in "ag"}
+  owners = _distributed.Plan(factors, n).owners
   per_device = [[k for k in costs if owners[k] == i] for i in range(n)]
   busiest = max(range(n), key=lambda i: sum(costs[k] for k in per_device[i]))
-  dense = lambda item: getattr(factors[item[0]], item[1]).ndim == 2
+  dense = lambda item: getattr(factors[item[0]], item[1]).ema.ndim == 2
   out["eigh_total"] = sum(map(dense, costs))
   out["eigh_busiest"] = sum(map(dense, per_device[busiest]))
   out["cost_total"] = sum(costs.values())

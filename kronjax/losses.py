@@ -54,6 +54,7 @@ from typing import ClassVar, final
 
 import jax
 import jax.numpy as jnp
+import optax
 
 __all__ = [
     "NegativeLogLikelihood",
@@ -80,17 +81,11 @@ class NegativeLogLikelihood(abc.ABC):
   # are shaped like the outputs.
   _labels: ClassVar[bool] = False
 
-  # Public API ----------------------------------------------------------------
-
   def __call__(self, outputs: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean negative log-likelihood over the (unmasked) terms.
+    """Mean NLL over the unmasked terms, in the outputs' dtype (0: none).
 
-    Args:
-      outputs: ``(N, *extra, C)`` model outputs (natural parameters).
-      targets: ``(N, *extra)`` integer labels or ``(N, *extra, C)`` targets.
-
-    Returns:
-      A scalar of the outputs' dtype; 0 when every term is masked.
+    ``outputs`` are ``(N, *extra, C)`` (natural parameters), ``targets``
+    ``(N, *extra)`` integer labels or ``(N, *extra, C)`` targets.
     """
     per_term = self.per_term(outputs, targets)
     total = jnp.sum(per_term) / self.num_terms(targets)
@@ -103,12 +98,12 @@ class NegativeLogLikelihood(abc.ABC):
 
   def num_terms(self, targets: jax.Array) -> jax.Array:
     """``M``: the number of unmasked terms (at least 1), a float scalar."""
-    targets = self._check_targets(targets)
-    mask = self._mask(targets)
-    dtype = jnp.result_type(float)
-    if mask is None:
-      return jnp.asarray(math.prod(self._term_shape(targets)), dtype)
-    return jnp.maximum(jnp.sum(mask, dtype=dtype), 1)
+    return jnp.maximum(jnp.sum(self.mask(targets)), 1)
+
+  @property
+  def masks_terms(self) -> bool:
+    """Whether some targets can mask their terms out (e.g. ``ignore_index``)."""
+    return False
 
   def mask(self, targets: jax.Array) -> jax.Array:
     """``(N, *extra)`` float mask: 1 for terms that count, 0 for masked ones."""
@@ -119,29 +114,18 @@ class NegativeLogLikelihood(abc.ABC):
     return mask.astype(jnp.result_type(float))
 
   def output_grad(self, outputs: jax.Array, targets: jax.Array) -> jax.Array:
-    """``g_i = ∂ℓ(f_i, y_i)/∂f_i`` per term (not divided by ``M``).
-
-    Returns:
-      An array shaped like ``outputs``, 0 at masked terms.
-    """
+    """``g_i = ∂ℓ(f_i, y_i)/∂f_i`` per term (not divided by ``M``), shaped like
+    ``outputs``, 0 at masked terms."""
     outputs, targets = self._check(outputs, targets)
     return self._masked(self._grad(outputs, targets), targets, 1)
 
-  def sample_targets(
-      self, rng: jax.Array, outputs: jax.Array, num_samples: int
-  ) -> jax.Array:
-    """Draws targets from the predictive distribution ``p(y | f)``.
+  def sample_targets(self, rng: jax.Array, outputs: jax.Array,
+                     num_samples: int) -> jax.Array:
+    """``(num_samples, *targets_shape)`` draws from ``p(y | f)``.
 
     With ``y`` drawn this way, ``output_grad(outputs, y)`` has mean zero and
     covariance ``Λ_i`` per term, which makes the Monte-Carlo Fisher unbiased.
-
-    Args:
-      rng: a PRNG key.
-      outputs: ``(N, *extra, C)`` model outputs.
-      num_samples: how many draws (a static positive int).
-
-    Returns:
-      ``(num_samples, *targets_shape)`` targets, as this loss takes them.
+    ``num_samples`` is a static positive int.
     """
     outputs = self._check_outputs(outputs)
     if (not isinstance(num_samples, int) or isinstance(num_samples, bool)
@@ -159,11 +143,8 @@ class NegativeLogLikelihood(abc.ABC):
     position, so positions of one example never mix: per example,
     ``Σ_k b_k[n] b_k[n]ᵀ`` is block-diagonal with blocks ``Λ_{n,t}``. Without
     extra dims (``T = 1``) this is ``K = C`` columns. Examples may share a
-    column because K-FAC only forms per-example outer products.
-
-    Args:
-      outputs: ``(N, *extra, C)`` model outputs.
-      targets: used only for the mask.
+    column because K-FAC only forms per-example outer products. ``targets``
+    give the mask only.
 
     Returns:
       ``(T·C, N, *extra, C)`` with ``T = prod(extra)``; zero at masked terms.
@@ -178,19 +159,10 @@ class NegativeLogLikelihood(abc.ABC):
     columns = jnp.einsum("ntkc,ts->tknsc", roots, eye)
     return columns.reshape(num_positions * c, n, *extra, c)
 
-  def fisher_vp(
-      self, outputs: jax.Array, targets: jax.Array, v: jax.Array
-  ) -> jax.Array:
-    """``Λ_i v_i`` per term (not divided by ``M``), 0 at masked terms.
-
-    Args:
-      outputs: ``(N, *extra, C)`` model outputs.
-      targets: used only for the mask.
-      v: a tangent shaped like ``outputs``.
-
-    Returns:
-      An array shaped like ``outputs``.
-    """
+  def fisher_vp(self, outputs: jax.Array, targets: jax.Array,
+                v: jax.Array) -> jax.Array:
+    """``Λ_i v_i`` per term (not divided by ``M``) for a tangent ``v`` shaped
+    like ``outputs``; 0 at masked terms (``targets`` give the mask only)."""
     outputs, targets = self._check(outputs, targets)
     v = jnp.asarray(v)
     if v.shape != outputs.shape:
@@ -198,8 +170,7 @@ class NegativeLogLikelihood(abc.ABC):
           f"v must have the outputs' shape {outputs.shape}; got {v.shape}.")
     return self._masked(self._fisher_vp(outputs, v), targets, 1)
 
-  # Per-position maths, on unmasked arrays ------------------------------------
-
+  # Per-position maths, on unmasked arrays.
   @abc.abstractmethod
   def _nll(self, outputs: jax.Array, targets: jax.Array) -> jax.Array:
     """``(N, *extra)`` negative log-likelihood, ignoring the mask."""
@@ -209,9 +180,8 @@ class NegativeLogLikelihood(abc.ABC):
     """``∂ℓ/∂f`` shaped like ``outputs``, ignoring the mask."""
 
   @abc.abstractmethod
-  def _sample(
-      self, rng: jax.Array, outputs: jax.Array, num_samples: int
-  ) -> jax.Array:
+  def _sample(self, rng: jax.Array, outputs: jax.Array,
+              num_samples: int) -> jax.Array:
     """``(num_samples, *targets_shape)`` draws from ``p(y | f)``."""
 
   @abc.abstractmethod
@@ -226,8 +196,6 @@ class NegativeLogLikelihood(abc.ABC):
     """``(N, *extra)`` boolean mask of the terms that count; None: all do."""
     del targets
     return None
-
-  # Checks and masking --------------------------------------------------------
 
   def _term_shape(self, targets: jax.Array) -> tuple[int, ...]:
     return targets.shape if self._labels else targets.shape[:-1]
@@ -260,9 +228,8 @@ class NegativeLogLikelihood(abc.ABC):
             f"{self.name}: targets must be integer class labels shaped "
             f"(N, ...); got dtype {targets.dtype} with shape {targets.shape}.")
       if targets.ndim < 1:
-        raise ValueError(
-            f"{self.name}: targets must be labels shaped (N, ...); got a "
-            "scalar.")
+        raise ValueError(f"{self.name}: targets must be labels shaped "
+                         "(N, ...); got a scalar.")
     elif targets.ndim < 2:
       raise ValueError(
           f"{self.name}: targets must be shaped (N, ..., C) like the outputs; "
@@ -314,10 +281,12 @@ class SoftmaxCrossEntropy(NegativeLogLikelihood):
   name: ClassVar[str] = "softmax_cross_entropy"
   _labels: ClassVar[bool] = True
 
+  @property
+  def masks_terms(self) -> bool:
+    return self.ignore_index is not None
+
   def _mask(self, targets):
-    if self.ignore_index is None:
-      return None
-    return targets != self.ignore_index
+    return None if self.ignore_index is None else targets != self.ignore_index
 
   def _safe_labels(self, targets):
     # Masked labels (e.g. -100) must not index out of range.
@@ -325,15 +294,12 @@ class SoftmaxCrossEntropy(NegativeLogLikelihood):
     return targets if mask is None else jnp.where(mask, targets, 0)
 
   def _nll(self, outputs, targets):
-    log_p = jax.nn.log_softmax(outputs, axis=-1)
-    labels = self._safe_labels(targets)[..., None]
-    return -jnp.take_along_axis(log_p, labels, axis=-1)[..., 0]
+    return optax.losses.softmax_cross_entropy_with_integer_labels(
+        outputs, self._safe_labels(targets))
 
   def _grad(self, outputs, targets):
-    p = jax.nn.softmax(outputs, axis=-1)
-    one_hot = jax.nn.one_hot(self._safe_labels(targets), outputs.shape[-1],
-                             dtype=outputs.dtype)
-    return p - one_hot
+    return jax.nn.softmax(outputs, axis=-1) - jax.nn.one_hot(
+        self._safe_labels(targets), outputs.shape[-1], dtype=outputs.dtype)
 
   def _sample(self, rng, outputs, num_samples):
     return jax.random.categorical(
@@ -368,17 +334,15 @@ class SigmoidBinaryCrossEntropy(NegativeLogLikelihood):
   name: ClassVar[str] = "sigmoid_binary_cross_entropy"
 
   def _nll(self, outputs, targets):
-    log_p = jax.nn.log_sigmoid(outputs)
-    log_not_p = jax.nn.log_sigmoid(-outputs)
-    return -jnp.sum(targets * log_p + (1 - targets) * log_not_p, axis=-1)
+    return jnp.sum(optax.losses.sigmoid_binary_cross_entropy(outputs, targets),
+                   axis=-1)
 
   def _grad(self, outputs, targets):
     return jax.nn.sigmoid(outputs) - targets
 
   def _sample(self, rng, outputs, num_samples):
-    p = jax.nn.sigmoid(outputs)
-    draws = jax.random.bernoulli(rng, p, shape=(num_samples, *outputs.shape))
-    return draws.astype(outputs.dtype)
+    return jax.random.bernoulli(rng, jax.nn.sigmoid(outputs), shape=(
+        num_samples, *outputs.shape)).astype(outputs.dtype)
 
   def _variance(self, outputs):
     # σ(f) σ(−f) = σ(1 − σ) without cancellation for large |f|.
@@ -408,22 +372,21 @@ class SquaredError(NegativeLogLikelihood):
   name: ClassVar[str] = "squared_error"
 
   def _nll(self, outputs, targets):
-    return 0.5 * jnp.sum(jnp.square(targets - outputs), axis=-1)
+    return jnp.sum(optax.losses.l2_loss(outputs, targets), axis=-1)
 
   def _grad(self, outputs, targets):
     return outputs - targets
 
   def _sample(self, rng, outputs, num_samples):
-    noise = jax.random.normal(rng, (num_samples, *outputs.shape), outputs.dtype)
-    return outputs + noise
+    return outputs + jax.random.normal(rng, (num_samples, *outputs.shape),
+                                       outputs.dtype)
 
   def _sqrt_fisher(self, outputs):
     eye = jnp.eye(outputs.shape[-1], dtype=outputs.dtype)
     return jnp.broadcast_to(eye, outputs.shape + outputs.shape[-1:])
 
   def _fisher_vp(self, outputs, v):
-    del outputs
-    return v
+    return v  # Λ = I
 
 
 softmax_cross_entropy = SoftmaxCrossEntropy()

@@ -46,10 +46,10 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 
-from kronjax import _paths
-from kronjax._layers import Recorder, conv_patches, wanted_layers
-from kronjax.tape import (LayerPath, Tape, check_fisher_mode,
-                          value_grad_and_tape_from_run)
+from kronjax._params import tree_paths
+from kronjax.tape import (LayerPath, Recorder, Tape, check_fisher_mode,
+                          conv_patches, value_grad_and_tape_from_run,
+                          wanted_layers)
 
 __all__ = ["conv", "dense", "embed", "value_grad_and_tape"]
 
@@ -209,8 +209,7 @@ def _record(name: str, kernel, bias, inputs: Callable[[], jax.Array], out, *,
 
 @contextlib.contextmanager
 def _tapping(rec: Recorder, params) -> Iterator[None]:
-  paths = {id(_paths.leaf_value(leaf)): path
-           for path, leaf in _paths.tree_paths(params)}
+  paths = {id(leaf): path for path, leaf in tree_paths(params)[0]}
   token = _ACTIVE.set((rec, paths))
   try:
     yield
@@ -238,8 +237,8 @@ def value_grad_and_tape(
     loss: a ``kronjax.losses`` negative log-likelihood.
     fisher: ``"mc"``, ``"empirical"`` or ``"exact"``.
     samples: Monte-Carlo draws for ``fisher="mc"``.
-    layers: which layers to tap (paths or ``"/"``-joined strings); ``None``
-      taps all.
+    layers: which layers to tap (paths, or their ``"/"``-joined keys such as
+      ``"blocks/0"``); ``None`` taps all.
 
   Returns:
     ``fn(params, x, y, rng=None, **kwargs)`` returning the mean loss, its

@@ -1,31 +1,46 @@
 """Per-layer tapes: what K-FAC needs to know about one layer on one batch.
 
 A tape holds, for one tapped layer, its inputs and the gradients of the
-per-example negative log-likelihood at its outputs. Adapters (``kronjax.flax``,
-``kronjax.nn``) fill tapes; :func:`kronjax.fisher_blocks` turns them into
-Kronecker factors. Nothing here knows about Flax.
+per-example negative log-likelihood at its outputs. The adapters
+(``kronjax.flax``, ``kronjax.nn``) record tapped layers with a
+:class:`Recorder` during one tapped forward pass; :func:`kronjax.fisher_blocks`
+turns tapes into Kronecker factors. Nothing here knows about Flax.
 
 Shapes (``N`` examples, ``T`` weight-sharing positions, ``S`` Fisher samples):
 
 * ``inputs``: ``(N, T, d_in)`` for dense-like layers (a convolution's input is
-  stored as its patches, ordered ``(kh, kw, c_in)``, so a convolution *is* a dense
-  layer with ``T`` output positions); ``(N, T)`` integer ids for embeddings.
-* ``output_grads``: ``(S, N, T, d_out)``, already scaled so that the output factor
-  is ``G = sum_s mean_n sum_t g g^T`` (K-FAC-expand): for ``fisher="mc"`` each
-  draw carries ``1/sqrt(S)``; for ``"exact"`` the ``S`` rows are the columns of a
-  square root of the output Fisher.
+  stored as its patches, ordered ``(kh, kw, c_in)``, so a convolution *is* a
+  dense layer with ``T`` output positions); ``(N, T)`` integer ids for
+  embeddings.
+* ``output_grads``: ``(S, N, T, d_out)``, scaled so that the output factor is
+  ``G = sum_s mean_n sum_t g g^T`` (K-FAC-expand): for ``fisher="mc"`` each
+  draw carries ``1/sqrt(S)``; for ``"exact"`` the ``S`` rows are the columns
+  of a square root of the output Fisher.
+* ``mask``: ``None``, or ``(N, T)`` weights (1 counts, 0 does not) when the
+  loss masks terms (``ignore_index``): a position aligned with a masked term
+  (or, for a layer whose positions are not the loss's terms, an example with
+  no unmasked term) is left out of ``A``, as it is of ``G``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 
-LayerPath = tuple[str | int, ...]  # module names; list indices (NNX, pure JAX) are ints
+from kronjax._params import layer_key
+
+LayerPath = tuple[str | int, ...]  # module names; list indices are ints
+FISHER_MODES = ("mc", "empirical", "exact")
+
+# jax >= 0.10 has it in jax.extend.core; jax 0.9 in jax.core.
+_opaque_trace_state = getattr(jax.extend.core, "get_opaque_trace_state", None)
+if _opaque_trace_state is None:  # pragma: no cover - older jax
+  _opaque_trace_state = jax.core.get_opaque_trace_state
 
 
 @jax.tree_util.register_dataclass
@@ -43,6 +58,7 @@ class LayerTape:
     has_bias: whether the layer has a bias; its input then gets a constant 1
       appended (last). Static.
     num_embeddings: vocabulary size of an embedding (0 otherwise). Static.
+    mask: ``None``, or ``(N, T)`` weights of the positions that count.
   """
 
   inputs: jax.Array
@@ -52,6 +68,7 @@ class LayerTape:
   has_bias: bool = dataclasses.field(default=False, metadata=dict(static=True))
   num_embeddings: int = dataclasses.field(
       default=0, metadata=dict(static=True))
+  mask: jax.Array | None = None
 
 
 Tape = dict[LayerPath, LayerTape]
@@ -59,36 +76,116 @@ Tape = dict[LayerPath, LayerTape]
 
 @dataclasses.dataclass(frozen=True)
 class LayerMeta:
-  """What an adapter learns about a tapped layer while tracing (static).
-
-  Attributes:
-    kind: ``"dense"`` or ``"embed"``.
-    has_bias: whether the layer adds a bias.
-    num_embeddings: vocabulary size of an embedding, else 0.
-    d_out: the number of outputs (columns of ``W̄``).
-    output_shapes: one ``jax.ShapeDtypeStruct`` per call of the layer in the
-      forward pass (a shared layer is called more than once).
-  """
+  """What an adapter learns about a tapped layer while tracing (static)."""
 
   kind: Literal["dense", "embed"]
   has_bias: bool
   num_embeddings: int
-  d_out: int
-  output_shapes: tuple[jax.ShapeDtypeStruct, ...]
+  d_out: int  # the number of outputs (columns of W̄)
+  output_shapes: tuple[jax.ShapeDtypeStruct, ...]  # one per call
 
 
-FISHER_MODES = ("mc", "empirical", "exact")
+def wanted_layers(
+    layers: Iterable[LayerPath | str] | None) -> dict[str, Any] | None:
+  """Normalises ``layers=``: ``{layer_key: the path as given}``.
 
-# A tapped forward pass. ``run(params, perturbations)`` computes the model's
-# outputs; for every tapped layer it adds ``perturbations[path][call]`` (zeros)
-# to the layer's output and returns the layer's inputs in tape layout, plus the
-# static metadata it saw. With ``perturbations=None`` it adds nothing (used once,
-# abstractly, to learn the output shapes). A run may return a fourth item, the
-# model's non-parameter state after the pass (NNX batch statistics, RNG counts),
-# which ``value_grad_and_tape_from_run(..., return_state=True)`` hands back.
-Run = Callable[[Any, "dict[LayerPath, list[jax.Array]] | None"],
-               tuple[jax.Array, "dict[LayerPath, list[jax.Array]]",
-                     "dict[LayerPath, LayerMeta]"]]
+  A path is a tuple (``("layers", 0)``) or its ``"/"``-joined key
+  (``"layers/0"``), as everywhere in kronjax (``kronjax._params.layer_key``).
+  """
+  if layers is None:
+    return None
+  if isinstance(layers, str):
+    raise TypeError(f"layers={layers!r} must be a collection of paths, e.g. "
+                    f"layers=[{layers!r}].")
+  return {layer_key(p if isinstance(p, str) else tuple(p)): p for p in layers}
+
+
+class Recorder:
+  """Inputs and metadata of the tapped layers in one trace of a model.
+
+  Create it inside the tapped run (``run(params, perturbations)``): layers
+  called under a JAX transformation nested inside the model (``lax.scan``,
+  ``vmap``, ``checkpoint``, ...) are found by comparing traces with the one
+  the recorder was created in, because their values cannot leave it.
+  """
+
+  def __init__(self, perturbations, layers: dict[str, Any] | None):
+    self.perturbations = perturbations
+    self.layers = layers
+    self.inputs: dict[LayerPath, list[jax.Array]] = {}
+    self.metas: dict[LayerPath, LayerMeta] = {}
+    self.seen: dict[LayerPath, str] = {}  # every layer-like call, for errors
+    self._trace = _opaque_trace_state(convention="kronjax")
+
+  def wants(self, path: LayerPath, what: str) -> bool:
+    """Notes a call of ``path`` (a ``what``); whether to tap it."""
+    self.seen.setdefault(path, what)
+    return self.layers is None or layer_key(path) in self.layers
+
+  def record(self, path: LayerPath, inputs: jax.Array, out: jax.Array, *,
+             kind: Literal["dense", "embed"], has_bias: bool,
+             num_embeddings: int = 0, out_axes: int = 1) -> jax.Array:
+    """Records one call of a layer; returns ``out`` plus its perturbation.
+
+    ``inputs`` are ``(N, ..., d_in)`` in tape layout (or integer ids); the
+    last ``out_axes`` axes of ``out`` are the features.
+    """
+    self.check_trace(f"Layer {path}")
+    calls = self.inputs.setdefault(path, [])
+    calls.append(inputs)
+    shapes = self.metas[path].output_shapes if path in self.metas else ()
+    self.metas[path] = LayerMeta(
+        kind=kind, has_bias=bool(has_bias), num_embeddings=int(num_embeddings),
+        d_out=int(np.prod(out.shape[len(out.shape) - out_axes:])),
+        output_shapes=shapes + (jax.ShapeDtypeStruct(out.shape, out.dtype),))
+    if self.perturbations is None:
+      return out
+    return out + self.perturbations[path][len(calls) - 1]
+
+  def check_trace(self, what: str) -> None:
+    """Raises if ``what`` (a layer) runs under a transformation in the model."""
+    if _opaque_trace_state(convention="kronjax") != self._trace:
+      raise ValueError(
+          f"{what} is called inside a JAX transformation nested in the "
+          "model (nn.scan, nn.vmap, nn.remat, nnx.scan, nnx.vmap, nnx.remat, "
+          "jax.lax.scan, jax.vmap, jax.checkpoint, ...). The tape cannot "
+          "see the layer's inputs there: they never leave the transformation. "
+          "For the tapped step, unroll scanned or vmapped layers (a Python "
+          "loop over layers) and drop remat, or leave the layer out with "
+          "layers=[...] and give its parameters another optimizer "
+          "(kronjax.uncovered_parameters lists them).")
+
+  def check_layers(self, called: str, kinds: str) -> None:
+    """Raises if ``layers=`` names a layer that was not tapped."""
+    tapped = {layer_key(p) for p in self.metas}
+    seen = {layer_key(p): what for p, what in self.seen.items()}
+    for key, given in (self.layers or {}).items():
+      if key in tapped:
+        continue
+      if key in seen:
+        raise ValueError(f"layers= names {given!r}, a {seen[key]}; only "
+                         f"{kinds} layers can be tapped.")
+      raise ValueError(f"layers= names {given!r}, which the model never "
+                       f"called; {called} are {sorted(self.seen, key=str)}.")
+
+
+def conv_patches(lhs, kernel_shape, strides, padding, lhs_dilation=None,
+                 rhs_dilation=None, dimension_numbers=None) -> jax.Array:
+  """Patches of a channels-last convolution, features ordered ``(k..., c_in)``.
+
+  ``kernel_shape`` is ``(*k, c_in, c_out)``; the patches line up with
+  ``kernel.reshape(-1, c_out)``.
+  """
+  spatial = tuple(kernel_shape[:-2])
+  c_in = lhs.shape[-1]
+  p = jax.lax.conv_general_dilated_patches(
+      lhs, spatial, strides, padding, lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+      precision=jax.lax.Precision.HIGHEST)
+  # p's features are ordered (c_in, k...); the kernel flattens as (k..., c_in).
+  k = int(np.prod(spatial))
+  p = p.reshape(p.shape[:-1] + (c_in, k))
+  return jnp.swapaxes(p, -1, -2).reshape(p.shape[:-2] + (k * c_in,))
 
 
 def check_fisher_mode(fisher: str, samples: int) -> None:
@@ -102,30 +199,26 @@ def check_fisher_mode(fisher: str, samples: int) -> None:
     raise ValueError(f"samples must be a positive int, got {samples!r}.")
 
 
+# A tapped forward pass: ``run(params, perturbations)`` computes the model's
+# outputs; every tapped layer adds ``perturbations[path][call]`` (zeros) to its
+# output. It returns the outputs, ``Recorder.inputs`` and ``Recorder.metas``,
+# and may return a fourth item, the model's non-parameter state after the pass
+# (NNX batch statistics, RNG counts). ``perturbations=None`` adds nothing (run
+# once, abstractly, to learn the output shapes).
+Run = Callable[[Any, Any], tuple]
+
+
 def value_grad_and_tape_from_run(
     run: Run, loss, fisher: str, samples: int, params, y, rng,
     return_state: bool = False, with_tape: bool | jax.Array = True,
-) -> tuple[jax.Array, Any, Tape] | tuple[jax.Array, Any, Tape, Any]:
+) -> tuple:
   """Loss, gradients and tapes from one forward pass and two backward passes.
 
   The forward pass is linearised once (``jax.vjp``); the loss gradient and the
-  Fisher's output gradients are both pulled back through it.
-
-  Args:
-    run: the tapped forward pass (see ``Run``).
-    loss: a ``kronjax.losses`` negative log-likelihood.
-    fisher: ``"mc"``, ``"empirical"`` or ``"exact"``.
-    samples: number of Monte-Carlo target draws for ``"mc"``.
-    params: the parameters that ``run`` differentiates.
-    y: the batch's targets, leading axis the batch.
-    rng: a PRNG key (required for ``"mc"``).
-    return_state: also return the fourth item of ``run``'s result from the
-      linearised pass.
-    with_tape: a bool or a traced boolean scalar; when false, the Fisher's
-      backward pass is skipped (under ``lax.cond``) and the tapes' output
-      gradients are zeros: for steps whose curvature the optimizer ignores
-      (see ``kronjax.curvature_due``), which then cost a plain
-      ``value_and_grad``.
+  Fisher's output gradients are both pulled back through it. ``with_tape``
+  (a bool or a traced boolean scalar) false skips the Fisher's pass (under
+  ``lax.cond``) and leaves zero output gradients, for steps whose curvature
+  the optimizer ignores (``kronjax.curvature_due``).
 
   Returns:
     ``(loss_value, grads, tape)``, plus the run's state if ``return_state``.
@@ -154,25 +247,23 @@ def value_grad_and_tape_from_run(
 
   perts = {path: [jnp.zeros(s.shape, s.dtype) for s in m.output_shapes]
            for path, m in metas.items()}
+
   def forward(p, e):
     result = run(p, e)
     return result[0], (result[1], result[3] if return_state else None)
 
   out, pullback, (inputs, state) = jax.vjp(forward, params, perts,
                                            has_aux=True)
-
   num_terms = loss.num_terms(y)
-  per_term_grad = loss.output_grad(out, y)
   loss_value = loss(out, y)
-  grads, out_grads = pullback((per_term_grad / num_terms).astype(out.dtype))
+  grads, out_grads = pullback(
+      (loss.output_grad(out, y) / num_terms).astype(out.dtype))
   # Per-example gradients carry sqrt(N / M) so that G = sum_s mean_n g g^T is
   # the Fisher of the mean loss over M terms (M = N without extra dims).
   scale = jnp.sqrt(n / num_terms)
 
   def fisher_output_grads():
-    if fisher == "empirical":
-      # Reuse the loss pass: its output gradients are the per-term gradients
-      # / M.
+    if fisher == "empirical":  # the loss pass's, times M
       return jax.tree_util.tree_map(
           lambda g: (g * (num_terms * scale))[None], out_grads)
     if fisher == "mc":
@@ -184,16 +275,19 @@ def value_grad_and_tape_from_run(
       cot = loss.fisher_sqrt(out, y) * scale
     return jax.vmap(lambda c: pullback(c.astype(out.dtype))[1])(cot)
 
-  if with_tape is True:
-    fisher_grads = fisher_output_grads()
+  if not isinstance(with_tape, jax.core.Tracer):
+    fisher_grads = (fisher_output_grads() if bool(with_tape) else
+                    jax.tree_util.tree_map(
+                        lambda s: jnp.zeros(s.shape, s.dtype),
+                        jax.eval_shape(fisher_output_grads)))
   else:
     zeros = lambda: jax.tree_util.tree_map(
         lambda s: jnp.zeros(s.shape, s.dtype),
         jax.eval_shape(fisher_output_grads))
-    fisher_grads = jax.lax.cond(jnp.asarray(with_tape, bool),
-                                fisher_output_grads, zeros)
-  tape = {path: _layer_tape(metas[path], inputs[path], fisher_grads[path], n)
-          for path in metas}
+    fisher_grads = jax.lax.cond(with_tape, fisher_output_grads, zeros)
+  mask = loss.mask(y).reshape(n, -1) if loss.masks_terms else None
+  tape = {path: _layer_tape(metas[path], inputs[path], fisher_grads[path], n,
+                            mask) for path in metas}
   if return_state:
     return loss_value, grads, tape, state
   return loss_value, grads, tape
@@ -214,13 +308,23 @@ def _check_labels(y, out_shape, ignore_index) -> None:
         f"[0, {out_shape[-1]}) for outputs of shape {tuple(out_shape)}.")
 
 
-def _layer_tape(meta: LayerMeta, inputs, out_grads, n: int) -> LayerTape:
+def _layer_tape(meta: LayerMeta, inputs, out_grads, n: int,
+                mask: jax.Array | None) -> LayerTape:
   """Stacks the calls of one layer along the weight-sharing axis."""
   if meta.kind == "embed":
-    ins = jnp.concatenate([i.reshape(n, -1) for i in inputs], axis=1)
+    calls = [i.reshape(n, -1) for i in inputs]
   else:
-    ins = jnp.concatenate(
-        [i.reshape(n, -1, i.shape[-1]) for i in inputs], axis=1)
+    calls = [i.reshape(n, -1, i.shape[-1]) for i in inputs]
   grads = jnp.concatenate(
       [g.reshape(g.shape[0], n, -1, meta.d_out) for g in out_grads], axis=2)
-  return LayerTape(ins, grads, meta.kind, meta.has_bias, meta.num_embeddings)
+  weights = None
+  if mask is not None:
+    # A call with one position per loss term takes the terms' mask; any other
+    # keeps the examples with at least one unmasked term.
+    per_example = jnp.any(mask > 0, axis=1, keepdims=True).astype(mask.dtype)
+    weights = jnp.concatenate(
+        [mask if c.shape[1] == mask.shape[1]
+         else jnp.broadcast_to(per_example, c.shape[:2]) for c in calls],
+        axis=1)
+  return LayerTape(jnp.concatenate(calls, axis=1), grads, meta.kind,
+                   meta.has_bias, meta.num_embeddings, weights)

@@ -19,7 +19,7 @@ import optax
 
 from kronjax import losses
 from kronjax.linalg import Kron
-from kronjax.transform import KfacState, kfac
+from kronjax.transform import AdaptiveKfacState, KfacState, kfac
 
 CE = losses.softmax_cross_entropy
 
@@ -162,8 +162,8 @@ def train(tx, apply, params, x, y, steps, loss=CE):
 
 
 def kfac_state(state):
-  """The ``KfacState`` inside a (possibly nested) optax state."""
-  is_kfac = lambda z: isinstance(z, KfacState)
+  """The K-FAC state inside a (possibly nested) optax state."""
+  is_kfac = lambda z: isinstance(z, (KfacState, AdaptiveKfacState))
   (found,) = [s for s in jax.tree.leaves(state, is_leaf=is_kfac) if is_kfac(s)]
   return found
 
@@ -174,13 +174,21 @@ def standard_problem(learning_rate):
 
   Returns:
     ``(tx, step, params, x, y)``: 32 examples, a 4-6-3 MLP with a ``Norm_0``
-    scale (routed to the fallback), ``kfac(learning_rate, damping=1e-2,
-    loss=CE, inverse_every=2)``.
+    scale (routed to the fallback), ``make_kfac(learning_rate,
+    inverse_every=2)``.
   """
   x, y = toy_data(jax.random.key(0), n=32, d=4)
   params = mlp_init(jax.random.key(1), [4, 6, 3], norm=True)
-  tx = kfac(learning_rate, damping=1e-2, loss=CE, inverse_every=2)
+  tx = make_kfac(learning_rate, inverse_every=2)
   return tx, jax.jit(make_step(tx, mlp_apply, x, y)), params, x, y
+
+
+def make_kfac(learning_rate, **kwargs):
+  """``kfac`` with a fixed step, or (``None``) adaptive with the CE loss."""
+  kwargs.setdefault("damping", 1e-2)
+  loss = kwargs.pop("loss", CE) if learning_rate is None else None
+  kwargs.pop("loss", None)
+  return kfac(learning_rate, loss=loss, **kwargs)
 
 
 def run(step, params, state, steps):

@@ -267,3 +267,39 @@ def test_loss_and_grads_equal_value_and_grad(loss_name, mlp_batch):
   jax.tree_util.tree_map(
       lambda a, b: np.testing.assert_allclose(a, b, atol=1e-12), grads,
       want_grads)
+
+
+class Doubled(nn.Dense):
+  """Overrides __call__ and calls the Dense it is: tapped as that Dense."""
+
+  def __call__(self, x):
+    return super().__call__(2 * x)
+
+
+class Transposed(nn.Dense):
+  """Overrides __call__ with other maths: not a Dense to K-FAC."""
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (self.features, x.shape[-1]))
+    return x @ kernel.T
+
+
+class Subclassed(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(jnp.tanh(Transposed(4)(jnp.tanh(Doubled(5)(x)))))
+
+
+def test_a_subclass_is_tapped_only_where_the_layer_itself_runs():
+  x = jax.random.normal(jax.random.key(0), (3, 4), F64)
+  y = jax.random.normal(jax.random.key(1), (3, 3), F64)
+  model = Subclassed()
+  params = _init(model, x)
+  _, grads, tape = kronjax.flax.value_grad_and_tape(
+      model, losses.squared_error, fisher="empirical")(params, x, y)
+  assert set(tape) == {("Doubled_0",), ("Dense_0",)}
+  np.testing.assert_allclose(tape[("Doubled_0",)].inputs[:, 0], 2 * x)
+  assert_tape_is_gradient({k: grads[k] for k in ("Doubled_0", "Dense_0")},
+                          tape, x.shape[0])

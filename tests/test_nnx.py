@@ -230,19 +230,21 @@ def test_layers_filter_uncovered_parameters_and_errors():
   y = jax.random.normal(jax.random.key(2), (2, 4), F64)
   sq = losses.squared_error
   step = kronjax.flax.value_grad_and_tape(
-      model, sq, fisher="exact", layers=["layers/1", ("encoder",)])
-  with pytest.raises(ValueError, match=r"\('layers', '1'\).*never called"):
-    step(model, x, y)  # "/"-strings are names: list indices need tuples
-  step = kronjax.flax.value_grad_and_tape(
-      model, sq, fisher="exact", layers=[("layers", 1), ("encoder",)])
-  _, grads, tape = step(model, x, y)
-  assert set(tape) == {("layers", 1), ("encoder",)}
+      model, sq, fisher="exact", layers=["layers/7", ("encoder",)])
+  with pytest.raises(ValueError, match=r"'layers/7'.*never called"):
+    step(model, x, y)
+  # A path, or its "/"-joined key as everywhere in kronjax.
+  for layers in ([("layers", 1), ("encoder",)], ["layers/1", "encoder"]):
+    step = kronjax.flax.value_grad_and_tape(model, sq, fisher="exact",
+                                            layers=layers)
+    _, grads, tape = step(model, x, y)
+    assert set(tape) == {("layers", 1), ("encoder",)}
   assert kronjax.uncovered_parameters(grads, tape) == [
       ("layers", 0, "bias"), ("layers", 0, "kernel"), ("norm", "bias"),
       ("norm", "scale")]
   assert kronjax.uncovered_parameters(nnx.state(model, nnx.Param), tape) == (
       kronjax.uncovered_parameters(grads, tape))
-  with pytest.raises(ValueError, match=r"\('norm',\), a nnx.LayerNorm"):
+  with pytest.raises(ValueError, match=r"'norm', a nnx.LayerNorm"):
     kronjax.flax.value_grad_and_tape(model, sq, fisher="exact",
                                      layers=["norm"])(model, x, y)
   with pytest.raises(TypeError, match="takes the NNX module"):
@@ -260,7 +262,7 @@ class Boom(nnx.Module):
 
 
 def test_layer_classes_are_restored_after_an_exception():
-  originals = {cls: cls.__dict__["__call__"] for cls in _nnx.TAPPED_CLASSES}
+  originals = {cls: cls.__dict__["__call__"] for cls in _nnx.CLASSES}
   model = Boom(nnx.Rngs(0))
   x = jnp.ones((2, 3, 1), F64)
   step = kronjax.flax.value_grad_and_tape(model, losses.squared_error)
@@ -318,3 +320,40 @@ def test_batch_statistics_and_rng_counts_advance_as_with_value_and_grad():
   assert float(jnp.abs(model.norm.mean[...]).max()) > 0
   assert int(model.drop.rngs.count[...]) == int(twin.drop.rngs.count[...]) == 1
   assert float(step(model, x, y)[0]) != float(value)  # a new dropout mask
+
+
+class Doubled(nnx.Linear):
+  """Overrides __call__ and calls the Linear it is: tapped as that Linear."""
+
+  def __call__(self, x):
+    return super().__call__(2 * x)
+
+
+class Transposed(nnx.Linear):
+  """Overrides __call__ with other maths: not a Linear to K-FAC."""
+
+  def __call__(self, x):
+    return x @ self.kernel[...].T
+
+
+class Subclassed(nnx.Module):
+  def __init__(self, rngs):
+    self.doubled = Doubled(4, 5, **_kw(rngs))
+    self.transposed = Transposed(4, 5, **_kw(rngs))
+    self.head = nnx.Linear(4, 3, **_kw(rngs))
+
+  def __call__(self, x):
+    return self.head(jnp.tanh(self.transposed(jnp.tanh(self.doubled(x)))))
+
+
+def test_a_subclass_is_tapped_only_where_the_layer_itself_runs():
+  model = Subclassed(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (3, 4), F64)
+  y = jax.random.normal(jax.random.key(2), (3, 3), F64)
+  _, grads, tape = kronjax.flax.value_grad_and_tape(
+      model, losses.squared_error, fisher="empirical")(model, x, y)
+  assert set(tape) == {("doubled",), ("head",)}
+  np.testing.assert_allclose(tape[("doubled",)].inputs[:, 0], 2 * x)
+  pure = nnx.to_pure_dict(grads)
+  assert_tape_is_gradient({k: pure[k] for k in ("doubled", "head")}, tape,
+                          x.shape[0])

@@ -29,10 +29,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import kronjax
-from kronjax import _curvature
-from kronjax import _placement
-from kronjax import _sharded
-from kronjax import _precondition as pre
+from kronjax import _distributed, _factors
+from kronjax._distributed import Placement
+from kronjax._params import LayerSpec, find_layers, layer_key
 
 CE = kronjax.losses.softmax_cross_entropy
 BATCH = 56  # divisible by 4 and 8; 56, 14, 7: unlike every width of the models
@@ -95,9 +94,16 @@ def _train_step(model, tx):
   return step
 
 
-def _tx(mode, **kwargs):
-  lr = {"fixed": 0.1, "adaptive": None}[mode]
-  return kronjax.kfac(lr, damping=1e-2, loss=CE, inverse_every=2, **kwargs)
+def _tx(mode, exact=False, placement=None):
+  """The alias (π-split damping), or exact damping in an adaptive chain."""
+  options = dict(damping=1e-2, inverse_every=2, placement=placement)
+  if mode == "fixed":
+    assert not exact
+    return kronjax.kfac(0.1, **options)
+  if not exact:
+    return kronjax.kfac(loss=CE, **options)
+  return optax.chain(kronjax.scale_by_adaptive_kfac(
+      CE, exact_damping=True, **options), optax.scale(-1.0))
 
 
 def _mesh(shape, names, devices=None):
@@ -199,35 +205,37 @@ SHARDED = {"mlp": (("fixed", 4, False), ("adaptive", 8, True)),
 
 
 def _kfac_state(state):
+  kinds = (kronjax.KfacState, kronjax.AdaptiveKfacState)
   return next(s for s in jax.tree.leaves(
-      state, is_leaf=lambda s: isinstance(s, kronjax.transform.KfacState))
-              if isinstance(s, kronjax.transform.KfacState))
+      state, is_leaf=lambda s: isinstance(s, kinds)) if isinstance(s, kinds))
 
 
 def check_sharded_factors(model_name):
-  """shard_factors=True: the same steps, each device holding 1/n of them."""
+  """Placement(sharded=True): the same steps, each device holding 1/n."""
   model, params, x, y = _problem(model_name)
   report = {}
   for mode, n, exact in SHARDED[model_name]:
-    tx = _tx(mode, exact_damping=exact)
+    tx = _tx(mode, exact)
     want, _, _ = _run(_train_step(model, tx), params, tx.init(params), x, y)
     mesh = _mesh((n,), ("data",))
-    tx = _tx(mode, exact_damping=exact, inverse_mesh=mesh, shard_factors=True)
+    tx = _tx(mode, exact, Placement(mesh, sharded=True))
     rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     state = tx.init(params)  # eager: already placed
     got, state, hlo = _run(_train_step(model, tx), jax.device_put(params, rep),
                            state, *jax.device_put((x, y), data))
     _assert_trace_close(got, want)
     here = total = 0
+    unsplit = _factors.init(params, find_layers(params), _factors.Settings(
+        exact_damping=exact))
     for key, f in _kfac_state(state).factors.items():
-      for m in (m for m in f if m.ndim == 2):
+      for m in (m for m in jax.tree.leaves(f) if m.ndim == 2):
         assert m.sharding.is_equivalent_to(
             NamedSharding(mesh, P("data", None)), 2), (key, m.sharding)
         assert m.addressable_shards[0].data.shape == (
             m.shape[0] // n, m.shape[1]), (key, m.shape)
-      here += sum(m.addressable_shards[0].data.nbytes for m in f)
-      total += sum(m.nbytes for m in pre.init_factors(
-          pre.find_layers(params)[key], jnp.float32, exact))
+      here += sum(m.addressable_shards[0].data.nbytes
+                  for m in jax.tree.leaves(f))
+      total += sum(m.nbytes for m in jax.tree.leaves(unsplit[key]))
     # The blocks are summed over the batch, never computed from gathered
     # tapes; refreshes exchange rows (all-to-all).
     ops = sorted({op for op, _ in _assert_no_batch_collective(hlo, n)})
@@ -244,8 +252,8 @@ def check_explicit_axes():
     model, params, x, y = _problem(model_name)
     tx = _tx("fixed")
     want, _, _ = _run(_train_step(model, tx), params, tx.init(params), x, y)
-    for kwargs in ({}, {"inverse_mesh": mesh, "shard_factors": True}):
-      tx = _tx("fixed", **kwargs)
+    for placement in (None, Placement(mesh, sharded=True)):
+      tx = _tx("fixed", placement=placement)
       got, _, _ = _run(_train_step(model, tx), jax.device_put(params, rep),
                        tx.init(params), *jax.device_put((x, y), data))
       _assert_trace_close(got, want)
@@ -280,7 +288,7 @@ def check_sharded_factors_hlo():
   x = jax.device_put(jnp.ones((batch, 64)), data)
   y = jax.device_put(jnp.arange(batch) % 10, data)
   params = jax.device_put(model.init(jax.random.key(1), x)["params"], rep)
-  tx = _tx("fixed", inverse_mesh=mesh, shard_factors=True)
+  tx = _tx("fixed", placement=Placement(mesh, sharded=True))
   tape_fn = kronjax.flax.value_grad_and_tape(model, CE, fisher="mc")
 
   def step(params, state, x, y, rng):  # the README's, tapes as curvature
@@ -307,7 +315,7 @@ def check_model_parallel():
     step = _train_step(model, tx)
     want, _, _ = _run(step, params, tx.init(params), x, y)
     if "/" in mode:  # the factors split over "data" too
-      tx = _tx("fixed", inverse_mesh=mesh, shard_factors=True)
+      tx = _tx("fixed", placement=Placement(mesh, sharded=True))
       step = _train_step(model, tx)
     # Megatron-style: Dense_1's outputs split over "model", so are Dense_2's
     # inputs; the rest is replicated.
@@ -334,67 +342,72 @@ def _random_factors(seed=0, exact=True):
   """Refreshable factors of dense layers of assorted sizes and an embedding."""
   rng = np.random.default_rng(seed)
   sizes = [(7, 5), (12, 3), (30, 20), (4, 4), (9, 16), (2, 2), (25, 6)]
-  specs = [pre.LayerSpec((f"L{i}",), "dense", s, (s[1],))
+  specs = [LayerSpec((f"L{i}",), "dense", s, (s[1],))
            for i, s in enumerate(sizes)]
-  specs.append(pre.LayerSpec(("E",), "embed", (11, 6), None))
-  factors = {}
-  for spec in specs:
-    f = pre.init_factors(spec, jnp.float32, exact)
-    a = rng.normal(size=(f.a.shape[0], 2 * f.a.shape[0]))
-    g = rng.normal(size=(f.g.shape[0], 2 * f.g.shape[0]))
-    a = np.abs(a[:, 0]) if f.a.ndim == 1 else a @ a.T / a.shape[1]
-    factors[pre.layer_key(spec.path)] = pre.update_factors(
+  specs.append(LayerSpec(("E",), "embed", (11, 6), None))
+  layers = {layer_key(spec.path): spec for spec in specs}
+  factors = _factors.init({}, layers, _factors.Settings(
+      exact_damping=exact, factor_dtype=jnp.float32))
+  for key, f in factors.items():
+    a = rng.normal(size=(f.a.ema.shape[0], 2 * f.a.ema.shape[0]))
+    g = rng.normal(size=(f.g.ema.shape[0], 2 * f.g.ema.shape[0]))
+    a = np.abs(a[:, 0]) if f.a.ema.ndim == 1 else a @ a.T / a.shape[1]
+    factors[key] = _factors.update(
         f, a.astype(np.float32), (g @ g.T / g.shape[1]).astype(np.float32), .5)
   return factors
 
 
+def _sizes(factors):
+  return {k: (f.a.ema.shape[0], f.g.ema.shape[0]) for k, f in factors.items()}
+
+
+def _plain_refresh(factors, damping):
+  return {k: _factors.refresh(f, damping) for k, f in factors.items()}
+
+
 def check_placement():
-  """Placed refreshes equal the loop's, and each layer runs on one device."""
-  factors = _random_factors()
-  plain = jax.jit(lambda fs, m: _placement.refresh_eighs(fs, m, None))
-  want = plain(factors, jnp.float32(1e-3))
+  """Placed refreshes equal the loop's, and each factor runs on one device."""
+  factors, sizes = _random_factors(), _sizes(_random_factors())
+  lam = jnp.float32(1e-3)
+  want = jax.jit(_plain_refresh)(factors, lam)
   report = {}
   for n in (4, 8):
     mesh = _mesh((n,), ("data",))
-    ran = []
+    placement, ran = Placement(mesh), []
 
-    def refresh(f, lam):
-      # Records (device, layer sizes) each time a branch really runs.
+    def side_fn(f, side):
+      # Records (device, layer sizes, side) each time a branch really runs.
       jax.debug.callback(
-          lambda i, a, g: ran.append((int(i), int(a), int(g))),
-          jax.lax.axis_index("data"), f.a.shape[0], f.g.shape[0])
-      return pre.refresh_eigh(f, lam)
+          lambda i, a, g, s: ran.append((int(i), int(a), int(g), "ag"[s])),
+          jax.lax.axis_index("data"), f.a.ema.shape[0], f.g.ema.shape[0],
+          "ag".index(side))
+      return _factors.refresh_side(f, side, lam)
 
     @jax.jit
-    def under_cond(fs, lam, now):
+    def under_cond(fs, now):
       # As in the optimizer: inside jit, under the refresh's lax.cond.
-      placed = lambda fs: _placement.refresh_distributed(
-          fs, lambda f: refresh(f, lam), mesh, "data")
+      placed = lambda fs: _distributed.refresh(fs, side_fn, placement, sizes)
       return jax.lax.cond(now, placed, lambda fs: fs, fs)
 
-    got = under_cond(factors, jnp.float32(1e-3), True)
+    got = under_cond(factors, True)
     jax.effects_barrier()
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
-      np.testing.assert_array_equal(a, b)  # exact: the sum adds only zeros
+      np.testing.assert_array_equal(a, b)  # exact: the same decompositions
     assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(got))
-    owners = _placement.assign(
-        {(k, side): c for k, f in factors.items()
-         for side, c in _placement.factor_costs(f).items()}, n)
-    # A layer's refresh runs on each device that owns one of its factors.
-    expected = sorted((i, factors[k].a.shape[0], factors[k].g.shape[0])
-                      for i, k in {(i, k) for (k, _), i in owners.items()})
+    owners = _distributed.Plan(factors, n).owners
+    expected = sorted((i, *sizes[k], side) for (k, side), i in owners.items())
     assert sorted(ran) == expected, (sorted(ran), expected)
-    # ... but only the owned factor's decomposition is compiled there: XLA
-    # drops the other, unused. Each dense factor's eigh appears once in the
-    # program (branches are per distinct set of factors: all distinct here).
-    hlo = jax.jit(lambda fs: _placement.refresh_eighs(fs, 1e-3, mesh)).lower(
-        factors).compile().as_text()
-    dense = sum(x.ndim == 2 for f in factors.values() for x in (f.a, f.g))
+    # Each dense factor's eigh appears once in the program, in its owner's
+    # branch.
+    hlo = jax.jit(lambda fs: _distributed.refresh(
+        fs, lambda f, s: _factors.refresh_side(f, s, lam), placement,
+        sizes)).lower(factors).compile().as_text()
+    dense = sum(x.ema.ndim == 2 for f in factors.values() for x in (f.a, f.g))
     assert len(re.findall(r"custom_call_target=\"\w*syevd", hlo)) == dense
     # Results cross the network once: an all-gather, not a sum of zeros.
     assert {op for op, _ in _collectives(hlo)} == {"all-gather"}, hlo
     ran.clear()
-    skipped = under_cond(factors, jnp.float32(1e-3), False)
+    skipped = under_cond(factors, False)
     jax.effects_barrier()
     assert not ran
     for a, b in zip(jax.tree.leaves(factors), jax.tree.leaves(skipped)):
@@ -402,46 +415,45 @@ def check_placement():
     report[n] = {f"{k}/{side}": i for (k, side), i in owners.items()}
     # Stored padded and split by rows: the same results, split by rows; both
     # refreshes (eigenbases; the π-split's inverses, which read both traces).
-    for fs, fn in ((factors, lambda f: pre.refresh_eigh(f, 1e-3)),
-                   (_random_factors(exact=False),
-                    lambda f: pre.refresh(f, 1e-3, 1e-2))):
-      sizes = {k: (f.a.shape[0], f.g.shape[0]) for k, f in fs.items()}
-      split = _sharded.shard_rows(
-          {k: _sharded.pad_layer(f, n) for k, f in fs.items()}, mesh, "data")
-      got = jax.jit(lambda fs, fn=fn, sizes=sizes: _sharded.refresh(
-          fs, fn, mesh, "data", sizes))(split)
-      plain = jax.jit(lambda fs, fn=fn: {k: fn(f) for k, f in fs.items()})(fs)
+    split = Placement(mesh, sharded=True)
+    for fs in (factors, _random_factors(exact=False)):
+      fn = lambda f, s: _factors.refresh_side(f, s, 1e-2)
+      got = jax.jit(lambda fs, fn=fn: _distributed.refresh(
+          fs, fn, split, sizes))(_distributed.init(fs, split))
+      plain = jax.jit(lambda fs: _plain_refresh(fs, 1e-2))(fs)
       rows = NamedSharding(mesh, P("data", None))
       for k, f in got.items():
-        mine = _sharded.crop_layer(f, *sizes[k])
+        mine = _distributed._resize_layer(f, *sizes[k])
         for a, b in zip(jax.tree.leaves(plain[k]), jax.tree.leaves(mine)):
           # Another program: its Cholesky solves may round differently.
           np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-        for a, b in zip(jax.tree.leaves(_sharded.pad_like(mine, f)),
-                        jax.tree.leaves(f)):  # the padding is as made
-          np.testing.assert_array_equal(a, b)
-        for x in (x for x in f if x.ndim == 2):
+        padded = _distributed._resize_layer(mine, f.a.ema.shape[0],
+                                            f.g.ema.shape[0])
+        for a, b in zip(jax.tree.leaves(padded), jax.tree.leaves(f)):
+          np.testing.assert_array_equal(a, b)  # the padding is as made
+        for x in (x for x in jax.tree.leaves(f) if x.ndim == 2):
           assert x.sharding.is_equivalent_to(rows, 2), (k, x.sharding)
   # A 2-D mesh: place over both axes, or over one (the other repeats it).
   mesh = _mesh((4, 2), ("data", "model"))
   for axes in (("data", "model"), "model"):
-    got = jax.jit(lambda fs: _placement.refresh_eighs(fs, 1e-3, mesh, axes))(
-        factors)
+    got = jax.jit(lambda fs: _distributed.refresh(
+        fs, lambda f, s: _factors.refresh_side(f, s, lam),
+        Placement(mesh, axes), sizes))(factors)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
       np.testing.assert_array_equal(a, b)
   return report
 
 
 def check_optimizer_inverse_mesh():
-  """kfac(inverse_mesh=...) takes the same steps as without it."""
+  """kfac(placement=...) takes the same steps as without it."""
   model, params, x, y = _problem("cnn")
   mesh = _mesh((4,), ("data",))
   rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   batch = jax.device_put((x, y), data)
   for mode in ("fixed", "adaptive"):
     runs = []
-    for kwargs in ({}, {"inverse_mesh": mesh, "inverse_axis": "data"}):
-      tx = _tx(mode, **kwargs)
+    for placement in (None, Placement(mesh, "data")):
+      tx = _tx(mode, placement=placement)
       runs.append(_run(_train_step(model, tx), *jax.device_put(
           (params, tx.init(params)), rep), *batch)[0])
     _assert_trace_close(*runs)
@@ -508,75 +520,68 @@ def test_distributed_example_runs_on_simulated_devices():
 
 def test_assign_is_greedy_and_balanced():
   costs = {"a": 27.0, "b": 8.0, "c": 64.0, "d": 1.0, "e": 8.0}
-  assert _placement.assign(costs, 2) == {
+  assert _distributed.assign(costs, 2) == {
       "c": 0, "a": 1, "b": 1, "e": 1, "d": 1}  # loads 64 and 44
-  assert _placement.assign(costs, 1) == dict.fromkeys(costs, 0)
-  spread = _placement.assign(costs, 8)
+  assert _distributed.assign(costs, 1) == dict.fromkeys(costs, 0)
+  spread = _distributed.assign(costs, 8)
   assert sorted(spread.values()) == [0, 1, 2, 3, 4]  # one item each
   with pytest.raises(ValueError, match="n >= 1"):
-    _placement.assign(costs, 0)
+    _distributed.assign(costs, 0)
 
 
 def test_factor_costs_count_dense_factors_cubed():
   factors = _random_factors()
-  assert _placement.factor_costs(factors["L2"]) == {"a": 31 ** 3,
-                                                    "g": 20 ** 3}
-  assert _placement.factor_costs(factors["E"]) == {"a": 11, "g": 6 ** 3}
-
-
-def test_without_mesh_is_the_plain_loop():
-  factors = _random_factors()
-  got = _placement.refresh_eighs(factors, 1e-3, None)
-  for key, f in factors.items():
-    want = pre.refresh_eigh(f, 1e-3)
-    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got[key])):
-      np.testing.assert_array_equal(a, b)
+  assert _distributed.factor_cost(factors["L2"].a.ema) == 31 ** 3
+  assert _distributed.factor_cost(factors["L2"].g.ema) == 20 ** 3
+  assert _distributed.factor_cost(factors["E"].a.ema) == 11  # diagonal
 
 
 def test_padded_factors_precondition_like_unpadded():
-  """Zero-padded storage (as sharded storage keeps it) changes no step."""
+  """Zero-padded storage (as split storage keeps it) changes no step."""
   params = {"D": {"kernel": jnp.ones((6, 3)), "bias": jnp.ones(3)},
             "E": {"embedding": jnp.ones((9, 5))}}
-  layers = pre.find_layers(params)
-  sizes = {k: (s.factor_shapes[0][0], s.factor_shapes[1][0])
-           for k, s in layers.items()}
+  layers = find_layers(params)
+  sizes = {k: s.factor_sizes for k, s in layers.items()}
+  pad = lambda d: -(-d // 4) * 4
   rng = np.random.default_rng(0)
   grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
   for exact in (True, False):
-    factors = {}
-    for k, spec in layers.items():
-      f = pre.init_factors(spec, jnp.float64, exact)
-      a = rng.normal(size=(f.a.shape[0], 12))
-      g = rng.normal(size=(f.g.shape[0], 12))
-      a = np.abs(a[:, 0]) if f.a.ndim == 1 else a @ a.T / 12
-      factors[k] = pre.update_factors(f, jnp.asarray(a), jnp.asarray(g @ g.T),
-                                      .5)
-    padded = {k: _sharded.pad_layer(f, 4) for k, f in factors.items()}
-    assert padded["D"].a.shape == (8, 8) and padded["E"].g.shape == (8, 8)
-    assert padded["E"].a.shape == (9,)  # a diagonal A is not padded
+    factors = _factors.init(params, layers, _factors.Settings(
+        exact_damping=exact, factor_dtype=jnp.float64))
+    for k, f in factors.items():
+      a = rng.normal(size=(f.a.ema.shape[0], 12))
+      g = rng.normal(size=(f.g.ema.shape[0], 12))
+      a = np.abs(a[:, 0]) if f.a.ema.ndim == 1 else a @ a.T / 12
+      factors[k] = _factors.update(f, jnp.asarray(a), jnp.asarray(g @ g.T), .5)
     # λ = 0 with exact damping: padded eigenvalues must not give 0 / 0.
-    fn = lambda f: pre.refresh(f, 1e-6, 0.0 if exact else 1e-2)
-    plain = {k: fn(f) for k, f in factors.items()}
-    padded = {k: _sharded.pad_like(fn(_sharded.crop_layer(f, *sizes[k])), f)
-              for k, f in padded.items()}  # as _sharded.refresh does
     lam = 0.0 if exact else 1e-2
-    want = _curvature.precondition_tree(grads, layers, plain, lam)
-    got = _curvature.precondition_tree(grads, layers, padded, lam)
+    plain = {k: _factors.refresh(f, lam) for k, f in factors.items()}
+    padded = {k: _distributed._resize_layer(  # as the split refresh does
+        _factors.refresh(f, lam), pad(sizes[k][0]), pad(sizes[k][1]))
+              for k, f in factors.items()}
+    assert padded["D"].a.ema.shape == (8, 8)
+    assert padded["E"].g.ema.shape == (8, 8)
+    assert padded["E"].a.ema.shape == (9,)  # a diagonal A is not padded
+    want = _factors.precondition(grads, layers, plain, lam)
+    got = _factors.precondition(grads, layers, padded, lam)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
       np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_shard_factors_needs_a_mesh_and_its_axis():
-  with pytest.raises(ValueError, match="pass inverse_mesh=mesh"):
-    kronjax.kfac(0.1, shard_factors=True)
+def test_placement_is_checked_when_the_optimizer_is_built():
   mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
-  with pytest.raises(ValueError, match="no axis 'model'"):  # when built
-    kronjax.kfac(0.1, inverse_mesh=mesh, inverse_axis="model")
-  # One device along the axis: nothing to split, the plain state.
-  tx = kronjax.kfac(0.1, inverse_mesh=mesh, shard_factors=True)
+  with pytest.raises(TypeError, match=r"kronjax\.Placement"):
+    kronjax.kfac(0.1, placement=mesh)
+  with pytest.raises(TypeError, match="jax.sharding.Mesh"):
+    kronjax.kfac(0.1, placement=Placement(None))
+  with pytest.raises(ValueError, match="no axis 'model'"):
+    kronjax.kfac(0.1, placement=Placement(mesh, "model"))
+  # One device along the axis: nothing to place or split, the plain state.
+  assert _distributed.resolve(Placement(mesh, sharded=True)) is None
+  tx = kronjax.kfac(0.1, placement=Placement(mesh, sharded=True))
   params = {"D": {"kernel": jnp.ones((6, 3)), "bias": jnp.ones(3)}}
   factors = _kfac_state(tx.init(params)).factors["D"]
-  assert factors.a.shape == (7, 7) and factors.g.shape == (3, 3)
+  assert factors.a.ema.shape == (7, 7) and factors.g.ema.shape == (3, 3)
 
 
 def test_a_state_of_another_layout_is_an_error():
@@ -584,23 +589,18 @@ def test_a_state_of_another_layout_is_an_error():
   tx = kronjax.kfac(0.1)
   params = {"D": {"kernel": jnp.ones((6, 3)), "bias": jnp.ones(3)}}
   state = tx.init(params)
+  kind = (kronjax.KfacState,)
   padded = jax.tree.map(
-      lambda s: s._replace(factors={k: _sharded.pad_layer(f, 4)
+      lambda s: s._replace(factors={k: _distributed._resize_layer(f, 8, 4)
                                     for k, f in s.factors.items()})
-      if isinstance(s, kronjax.transform.KfacState) else s, state,
-      is_leaf=lambda s: isinstance(s, kronjax.transform.KfacState))
+      if isinstance(s, kind) else s, state,
+      is_leaf=lambda s: isinstance(s, kind))
   blocks = {("D",): kronjax.linalg.Kron(jnp.eye(7), jnp.eye(3))}
   tx.update(params, state, params, curvature=blocks)  # its own: fine
   with pytest.raises(ValueError, match=r"Layer D: the optimizer state has "
                      r"factors A \(8, 8\) and G \(4, 4\), but this optimizer "
                      r"stores A \(7, 7\) and G \(3, 3\) \(replicated"):
     tx.update(params, padded, params, curvature=blocks)
-
-
-def test_unknown_axis_is_an_error():
-  mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
-  with pytest.raises(ValueError, match="no axis 'model'"):
-    _placement.refresh_eighs(_random_factors(), 1e-3, mesh, "model")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import pytest
 
 import kronjax
 import kronjax.flax
-from _transform_helpers import dense_solve, random_spd
+from _transform_helpers import dense_solve, kfac_state, random_spd
 from kronjax.linalg import Kron
 from kronjax.transform import scale_by_kfac
 
@@ -60,7 +60,8 @@ def test_tapes_as_curvature_equal_blocks_every_step(exact):
                                                     atol=1e-14)
     jax.tree.map(close, out_t, out_b)
     jax.tree.map(close, s_tape, s_blocks)
-  assert float(s_tape.factors["Dense_0"].weight) == 0.75  # steps 0 and 2
+  # updated at steps 0 and 2
+  assert float(kfac_state(s_tape).factors["Dense_0"].weight) == 0.75
 
 
 def test_tape_with_a_foreign_layer_is_refused_at_trace_time():
@@ -86,8 +87,9 @@ def test_non_finite_tape_skips_the_step():
   bad[("Dense_0",)] = jax.tree.map(lambda t: t.at[0].set(jnp.nan),
                                    tape[("Dense_0",)])
   out, new = tx.update(grads, state, params, curvature=bad)
-  assert int(new.skipped) == 1 and int(new.count) == 0
-  jax.tree.map(np.testing.assert_array_equal, new.factors, state.factors)
+  assert int(new.skipped) == 1 and int(kfac_state(new).count) == 0
+  jax.tree.map(np.testing.assert_array_equal, kfac_state(new).factors,
+               kfac_state(state).factors)
   assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(out))
 
 
@@ -125,8 +127,7 @@ def test_indefinite_factor_falls_back_to_clipped_eigenvalues():
   params = {"a": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
   grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)),
                        params)
-  tx = scale_by_kfac(damping=1e-4, decay=0.0, exact_damping=False,
-                     min_eigenvalue=0.0, **F64)
+  tx = scale_by_kfac(damping=1e-4, decay=0.0, exact_damping=False, **F64)
   out, _ = tx.update(grads, tx.init(params), params,
                      curvature={("a",): Kron(jnp.asarray(a), g)})
   clipped = q @ np.diag(np.maximum(vals, 0.0)) @ q.T
@@ -161,7 +162,8 @@ def test_with_tape_false_skips_only_the_fisher_pass():
 def test_skipping_tapes_between_factor_updates_changes_nothing(adaptive):
   step, params, x, y = _problem()
   model, loss = _Mlp(), kronjax.losses.softmax_cross_entropy
-  tx = kronjax.kfac(None if adaptive else 0.1, loss=loss, factor_every=3,
+  tx = kronjax.kfac(None if adaptive else 0.1,
+                    loss=loss if adaptive else None, factor_every=3,
                     inverse_every=2, **F64)
 
   def train(skip):
@@ -189,5 +191,16 @@ def test_skipping_tapes_between_factor_updates_changes_nothing(adaptive):
 
 
 def test_curvature_due_needs_a_kfac_state():
-  with pytest.raises(ValueError, match="no KfacState"):
+  with pytest.raises(ValueError, match="no K-FAC state"):
     kronjax.curvature_due(optax.adam(1e-3).init({"w": jnp.ones(2)}))
+
+
+def test_a_concrete_with_tape_is_decided_when_tracing():
+  step, params, x, y = _problem()
+  for flag, conds in ((np.True_, 0), (jnp.asarray(False), 0), (True, 0)):
+    jaxpr = str(jax.make_jaxpr(
+        lambda p: step(p, x, y, jax.random.key(0), with_tape=flag))(params))
+    assert jaxpr.count(" cond[") == conds, flag
+  traced = str(jax.make_jaxpr(lambda p, f: step(
+      p, x, y, jax.random.key(0), with_tape=f))(params, True))
+  assert traced.count(" cond[") == 1

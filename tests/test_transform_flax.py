@@ -9,8 +9,7 @@ import pytest
 from flax import nnx
 
 import kronjax
-from _transform_helpers import CE, kfac_state, toy_data
-from kronjax.transform import kfac
+from _transform_helpers import CE, kfac_state, make_kfac, toy_data
 
 MODES = pytest.mark.parametrize("learning_rate", [0.3, None],
                                 ids=["fixed", "adaptive"])
@@ -41,7 +40,7 @@ def test_linen_training_loop(learning_rate):
   model = LinenNet()
   params = model.init(jax.random.key(1), x)["params"]
   tape_fn = kronjax.flax.value_grad_and_tape(model, CE, fisher="mc")
-  tx = kfac(learning_rate, damping=1e-2, loss=CE)
+  tx = make_kfac(learning_rate)
 
   @jax.jit
   def step(params, state, rng):
@@ -63,7 +62,7 @@ def test_linen_training_loop(learning_rate):
 def test_nnx_training_loop(learning_rate):
   x, y = toy_data(jax.random.key(0), n=32, d=4)
   graphdef, params = nnx.split(NnxNet(nnx.Rngs(0)), nnx.Param)
-  tx = kfac(learning_rate, damping=1e-2, loss=CE)
+  tx = make_kfac(learning_rate)
   output_fn = lambda p: nnx.merge(graphdef, p)(x)
 
   @jax.jit

@@ -251,3 +251,78 @@ def test_masked_tokens_monte_carlo_converges_to_exact():
   loss = losses.SoftmaxCrossEntropy(ignore_index=-1)
   params = _init(TokenMLP(), x)
   assert_monte_carlo_converges(TokenMLP(), loss, params, x, y)
+
+
+# Masked terms (ignore_index) ----------------------------------------------
+
+IGNORE = -1
+
+
+class Tagger(nn.Module):
+  """Per-token logits: every layer's positions are the loss's terms."""
+
+  @nn.compact
+  def __call__(self, ids):
+    h = jnp.tanh(nn.Dense(5)(nn.Embed(7, 4)(ids)))
+    return nn.Dense(3)(h)
+
+
+class PooledClassifier(nn.Module):
+  """Per-example logits from pooled tokens: the token layer has T positions."""
+
+  @nn.compact
+  def __call__(self, ids):
+    h = jnp.tanh(nn.Dense(5)(nn.Embed(7, 4)(ids))).mean(axis=1)
+    return nn.Dense(3)(h)
+
+
+def _with_bias(a):
+  return jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
+
+
+def _masked_tape(model, ids, labels):
+  loss = losses.SoftmaxCrossEntropy(ignore_index=IGNORE)
+  params = _init(model, ids)
+  return jax.jit(kronjax.flax.value_grad_and_tape(model, loss, "exact"))(
+      params, ids, labels)[2]
+
+
+def test_masked_tokens_are_left_out_of_the_input_factors():
+  ids = _x((4, 6), ints=7)
+  labels = _x((4, 6), key=1, ints=3)
+  labels = labels.at[0, :2].set(IGNORE).at[2].set(IGNORE)  # example 2: none
+  valid = np.asarray(labels != IGNORE, np.float64)
+  tape = _masked_tape(Tagger(), ids, labels)
+  expand = kronjax.fisher_blocks(tape)
+  reduce = kronjax.fisher_blocks(tape, weight_sharing="reduce")
+  for path in (("Dense_0",), ("Dense_1",)):
+    a = _with_bias(tape[path].inputs)
+    want = np.einsum("nt,nti,ntj->ij", valid, a, a) / valid.sum()
+    np.testing.assert_allclose(expand[path].factors[0], want, atol=1e-12)
+    counted = valid.sum(1) > 0
+    a_hat = np.einsum("nt,nti->ni", valid, a)[counted] / valid.sum(1)[
+        counted, None]
+    np.testing.assert_allclose(reduce[path].factors[0],
+                               a_hat.T @ a_hat / counted.sum(), atol=1e-12)
+  # A masked token's output gradients are zero: G leaves it out already.
+  assert np.all(np.asarray(tape[("Dense_1",)].output_grads)[:, valid == 0]
+                == 0)
+  counts = np.zeros(7)
+  np.add.at(counts, np.asarray(ids)[valid > 0], 1)
+  np.testing.assert_allclose(expand[("Embed_0",)].factors[0],
+                             counts / valid.sum(), atol=1e-12)
+
+
+def test_a_masked_example_is_left_out_of_a_pooled_layer():
+  ids = _x((4, 6), ints=7)
+  labels = jnp.array([0, IGNORE, 2, 1])
+  tape = _masked_tape(PooledClassifier(), ids, labels)
+  blocks = kronjax.fisher_blocks(tape)
+  keep = np.asarray(labels != IGNORE)
+  a = np.asarray(_with_bias(tape[("Dense_0",)].inputs))[keep]
+  a = a.reshape(-1, a.shape[-1])
+  np.testing.assert_allclose(blocks[("Dense_0",)].factors[0],
+                             a.T @ a / len(a), atol=1e-12)
+  head = np.asarray(_with_bias(tape[("Dense_1",)].inputs))[keep, 0]
+  np.testing.assert_allclose(blocks[("Dense_1",)].factors[0],
+                             head.T @ head / len(head), atol=1e-12)

@@ -4,11 +4,12 @@ The batch is split over a 1-D ``"data"`` mesh and the params and optimizer
 state are replicated; ``jax.jit`` and XLA's SPMD partitioner do the rest. Each
 device taps its share of the batch, its factors' averages become all-reduces
 (as the gradients' do), and every device takes the same step: there is no
-communication layer of kronjax's own. With ``kfac(inverse_mesh=mesh)`` each
-layer's eigendecomposition is computed on one device of the mesh and shared
-(KAISA placement) instead of on all of them; ``--shard-factors``
-(``kfac(shard_factors=True)``) stores the factors split by rows over the
-devices, for models whose factors do not fit replicated.
+communication layer of kronjax's own. With
+``kfac(placement=kronjax.Placement(mesh, "data"))`` each factor's refresh is
+computed on one device of the mesh and shared (KAISA placement) instead of on
+all of them; ``--shard-factors`` (``Placement(..., sharded=True)``) stores the
+factors split by rows over the devices, for models whose factors do not fit
+replicated.
 
 Run it as it is (all local devices), on simulated CPU devices, or on several
 hosts (one process per host, each with its coordinator's address in the
@@ -92,8 +93,8 @@ def main(argv=None):
   tape_fn = kronjax.flax.value_grad_and_tape(model, loss_fn)
   # Each layer's refresh on one device; with --shard-factors the factors
   # are stored split by rows over "data" too.
-  tx = kronjax.kfac(loss=loss_fn, inverse_every=5, inverse_mesh=mesh,
-                    inverse_axis="data", shard_factors=args.shard_factors)
+  placement = kronjax.Placement(mesh, "data", sharded=args.shard_factors)
+  tx = kronjax.kfac(loss=loss_fn, inverse_every=5, placement=placement)
   params = model.init(jax.random.key(0), jnp.zeros((1, 16)))["params"]
   params = jax.device_put(params, replicated)
   opt_state = jax.jit(tx.init)(params)  # on the mesh, laid out by the optimizer

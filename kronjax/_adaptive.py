@@ -1,0 +1,219 @@
+"""K-FAC's adaptive step: a 2-D quadratic model and Levenberg–Marquardt.
+
+Given the K-FAC direction ``Δ = −(F̂ + λI)⁻¹ g`` and the previous step ``δ``,
+the step is ``d = αΔ + μδ`` with ``(α, μ)`` minimising the damped quadratic
+model of the loss with the *exact* Fisher ``F`` (Martens & Grosse 2015, §7),
+
+.. math::
+
+  q_λ(d) = g^\\top d + \\tfrac12 d^\\top (F + λI) d, \\qquad
+  \\begin{pmatrix} α \\\\ μ \\end{pmatrix}
+  = -\\begin{pmatrix} Δ^\\top C Δ & Δ^\\top C δ \\\\
+                      δ^\\top C Δ & δ^\\top C δ \\end{pmatrix}^{-1}
+    \\begin{pmatrix} g^\\top Δ \\\\ g^\\top δ \\end{pmatrix},
+  \\qquad C = F + λI.
+
+The products ``vᵢᵀ F vⱼ = (1/M) ⟨J vᵢ, Λ J vⱼ⟩`` come from one linearisation
+of the model's outputs with both tangents batched (``J`` the outputs'
+Jacobian, ``Λ`` the loss's output Fisher, ``M`` its number of terms). ``λ`` is
+in the model that picks ``(α, μ)`` but not in the one that judges the step:
+the reduction ratio
+
+.. math::
+
+  ρ = \\frac{L(θ + d) − L(θ)}{g^\\top d + \\tfrac12 d^\\top F d}
+
+(§6.5) drives Levenberg–Marquardt: every ``T`` steps ``λ ← λ/ω`` if
+``ρ < 1/4`` and ``λ ← ωλ`` if ``ρ > 3/4``, ``ω = (19/20)^T``.
+
+References:
+  Martens & Grosse 2015, Optimizing neural networks with Kronecker-factored
+  approximate curvature, §6.5 and §7.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kronjax import _distributed, _factors
+from kronjax._params import find_layers
+
+DAMPING_BOUNDS = (1e-5, 1e3)  # (min, max) of the adapted λ
+INTERVAL = 5  # the default T of Levenberg–Marquardt
+
+
+class AdaptiveKfacState(NamedTuple):
+  """State of ``kronjax.scale_by_adaptive_kfac``; a pytree of arrays."""
+
+  count: jax.Array  # () int32: updates applied.
+  curvature_due: jax.Array  # () bool: the next update reads its curvature.
+  factors: dict[str, _factors.LayerFactors]  # per layer, by layer_key.
+  damping: jax.Array  # () factor dtype: λ, adapted by Levenberg–Marquardt.
+  prev_step: Any  # params-shaped, ≥ factor dtype: the last step d.
+  coefficients: jax.Array  # (2,) factor dtype: (α, μ) of the last step.
+
+
+class QuadraticModel(NamedTuple):
+  """The loss around ``θ`` restricted to ``span(Δ, δ)``."""
+
+  fisher: jax.Array  # (2, 2): vᵢᵀ F vⱼ.
+  gram: jax.Array  # (2, 2): vᵢᵀ vⱼ.
+  grad: jax.Array  # (2,): gᵀ vᵢ.
+  loss: jax.Array  # (): L(θ) on this batch.
+
+
+def _dot(x: Any, y: Any, dtype: Any) -> jax.Array:
+  return optax.tree.vdot(optax.tree.cast(x, dtype), optax.tree.cast(y, dtype))
+
+
+def quadratic_model(output_fn: Callable[[Any], jax.Array], loss: Any,
+                    targets: Any, params: Any, grads: Any,
+                    vectors: tuple[Any, Any], dtype: Any) -> QuadraticModel:
+  """Builds :class:`QuadraticModel` from one linearisation of ``output_fn``."""
+  outputs, jvp = jax.linearize(output_fn, params)
+  jv = jax.vmap(jvp)(jax.tree.map(lambda *v: jnp.stack(v), *vectors))
+  fjv = jax.vmap(lambda t: loss.fisher_vp(outputs, targets, t))(jv)
+  fisher = jnp.einsum("i...,j...->ij", jv.astype(dtype), fjv.astype(dtype))
+  fisher = (fisher + fisher.T) / (2 * loss.num_terms(targets).astype(dtype))
+  gram = jnp.array([[_dot(u, v, dtype) for v in vectors] for u in vectors])
+  grad = jnp.stack([_dot(grads, v, dtype) for v in vectors])
+  return QuadraticModel(fisher, gram, grad,
+                        loss(outputs, targets).astype(dtype))
+
+
+def solve(model: QuadraticModel, damping: jax.Array) -> jax.Array:
+  """``(α, μ)`` minimising ``q_λ``; ``μ = 0`` when ``δ = 0`` or degenerate.
+
+  On the first step ``δ = 0`` and the 2×2 system is singular; then (and
+  whenever ``δ`` is numerically parallel to ``Δ``) only ``α`` is solved for.
+  """
+  c = model.fisher + damping * model.gram
+  b = model.grad
+  tiny = jnp.finfo(c.dtype).tiny
+  positive = c[0, 0] > tiny
+  alpha_only = jnp.where(positive, -b[0] / jnp.where(positive, c[0, 0], 1), 0)
+  det = c[0, 0] * c[1, 1] - c[0, 1] * c[1, 0]
+  eps = 10 * jnp.finfo(c.dtype).eps
+  well_posed = (model.gram[1, 1] > 0) & (det > eps * c[0, 0] * c[1, 1])
+  safe_det = jnp.where(well_posed, det, 1)
+  both = -jnp.stack([c[1, 1] * b[0] - c[0, 1] * b[1],
+                     c[0, 0] * b[1] - c[1, 0] * b[0]]) / safe_det
+  return jnp.where(well_posed, both,
+                   jnp.stack([alpha_only, jnp.zeros_like(alpha_only)]))
+
+
+def predicted_change(model: QuadraticModel, w: jax.Array) -> jax.Array:
+  """``gᵀd + ½ dᵀFd`` for ``d = w₀Δ + w₁δ`` (undamped, for ``ρ``)."""
+  return model.grad @ w + 0.5 * w @ model.fisher @ w
+
+
+def norm_constraint_scale(fisher_norm_sq: jax.Array,
+                          norm_constraint: Any) -> jax.Array:
+  """``min(1, sqrt(c / |s|))`` with ``s`` the step's squared Fisher norm.
+
+  Ba, Grosse & Martens 2017: keeps ``sᵀ F s`` (twice the KL divergence the
+  step causes, to second order) at most ``c``. 1 when ``s = 0``.
+  """
+  s = jnp.abs(fisher_norm_sq)
+  c = jnp.asarray(norm_constraint, s.dtype)
+  return jnp.where(s > c, jnp.sqrt(c / jnp.where(s > c, s, 1)), 1)
+
+
+def levenberg_marquardt(damping: jax.Array, rho: jax.Array, interval: Any,
+                        bounds: tuple[Any, Any]) -> jax.Array:
+  """Damping after a step with reduction ratio ``ρ`` (NaN counts as bad)."""
+  omega = jnp.asarray(19 / 20, damping.dtype) ** interval
+  bad, good = ~(rho >= 0.25), rho > 0.75
+  damping = jnp.where(bad, damping / omega,
+                      jnp.where(good, damping * omega, damping))
+  lo, hi = (jnp.asarray(b, damping.dtype) for b in bounds)
+  return jnp.clip(damping, lo, hi)
+
+
+def adaptive_step(loss: Any, damping: Any, norm_constraint: Any,
+                  interval: int, settings: _factors.Settings
+                  ) -> optax.GradientTransformationExtraArgs:
+  """The adaptive K-FAC transformation without its non-finite guard.
+
+  See ``kronjax.scale_by_adaptive_kfac``; its output is ``−d``.
+  """
+  if not (callable(loss) and hasattr(loss, "fisher_vp")):
+    raise TypeError(
+        f"loss must be a kronjax.losses negative log-likelihood (e.g. "
+        f"kronjax.losses.softmax_cross_entropy); got {loss!r}.")
+  if callable(damping):
+    raise ValueError(
+        "The adaptive step adapts the damping itself: pass its initial value "
+        f"as damping= (a float), not a schedule ({damping!r}). For a damping "
+        "schedule use a fixed step (kronjax.kfac(learning_rate=...)).")
+  if isinstance(interval, float) or (isinstance(interval, int)
+                                     and interval < 0):
+    raise ValueError("damping_adaptation_interval must be an int >= 0 (0: "
+                     f"no adaptation); got {interval!r}.")
+
+  def init_fn(params):
+    factors = _factors.init(params, find_layers(params), settings)
+    dtype = _factors.factor_dtype(params, settings)
+    prev = jax.tree.map(lambda p: jnp.zeros(
+        p.shape, jnp.promote_types(p.dtype, dtype)), params)
+    return AdaptiveKfacState(
+        count=jnp.zeros([], jnp.int32), curvature_due=jnp.asarray(True),
+        factors=factors, damping=jnp.asarray(damping, dtype), prev_step=prev,
+        coefficients=jnp.zeros((2,), dtype))
+
+  def update_fn(updates, state, params=None, *, curvature=None,
+                output_fn=None, targets=None, **extra_args):
+    del extra_args
+    if not isinstance(state, AdaptiveKfacState):
+      raise ValueError(
+          f"scale_by_adaptive_kfac was given a {type(state).__name__}, the "
+          "state of another transformation: pass the state its own init made.")
+    if curvature is None:
+      raise ValueError(f"The adaptive K-FAC step needs this batch's Fisher "
+                       f"blocks: {_factors.CURVATURE_HINT}.")
+    if output_fn is None or targets is None or params is None:
+      raise ValueError(
+          "The adaptive K-FAC step needs params, output_fn= (params -> the "
+          "model's outputs on this batch) and targets= (the batch's "
+          "targets): tx.update(grads, opt_state, params, curvature=..., "
+          "output_fn=..., targets=...). For a fixed step size use "
+          "kronjax.kfac(learning_rate=...) instead.")
+    dtype, count, lam = state.damping.dtype, state.count, state.damping
+    precond, factors, _ = _factors.precondition_step(
+        updates, state.factors, curvature, find_layers(updates), settings,
+        count, lam)
+    delta = jax.tree.map(lambda p, x: -p.astype(x.dtype), precond, params)
+    prev = optax.tree.cast_like(state.prev_step, params)
+    model = quadratic_model(output_fn, loss, targets, params, updates,
+                            (delta, prev), dtype)
+    w = solve(model, lam)
+    if norm_constraint is not None:
+      w = w * norm_constraint_scale(w @ model.fisher @ w, norm_constraint)
+    step = jax.tree.map(lambda a, b, d: w[0] * a.astype(d.dtype)
+                        + w[1] * b.astype(d.dtype), delta, prev,
+                        state.prev_step)
+
+    def adapt(lam):
+      moved = jax.tree.map(lambda p, d: p + d.astype(p.dtype), params, step)
+      change = loss(output_fn(moved), targets).astype(dtype) - model.loss
+      predicted = predicted_change(model, w)
+      rho = change / jnp.where(predicted != 0, predicted, 1)
+      # No predicted change (a zero step): nothing to judge λ by.
+      return jnp.where(predicted != 0, levenberg_marquardt(
+          lam, rho, interval, DAMPING_BOUNDS), lam)
+
+    due = (interval > 0) & (count % jnp.maximum(interval, 1) == 0)
+    lam = jax.lax.cond(due, adapt, lambda lam: lam, lam)
+    count = optax.safe_int32_increment(count)
+    out = jax.tree.map(lambda d, g: -d.astype(g.dtype), step, updates)
+    if settings.placement is not None:  # neither may inherit a factor split
+      out, step = _distributed.replicate((out, step), settings.placement)
+    return out, AdaptiveKfacState(
+        count=count, curvature_due=count % settings.factor_every == 0,
+        factors=factors, damping=lam, prev_step=step, coefficients=w)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

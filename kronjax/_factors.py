@@ -1,0 +1,363 @@
+"""K-FAC's factor state: moving averages, refreshes and damped solves.
+
+Each layer keeps one :class:`LayerFactors`: per Kronecker factor its moving
+average and the cached, expensive part of its damped solve, refreshed every
+``inverse_every`` steps and applied cheaply every step (lineax's split between
+a factorisation and its application):
+
+* exact damping keeps each factor's eigendecomposition, and the solve is
+  ``kronjax.linalg.KronEigh.solve``,
+
+  .. math::
+
+    (A \\otimes G + λI)^{-1} \\operatorname{vec}(Γ)
+    = (U_A \\otimes U_G)\\,(Λ_A \\otimes Λ_G + λI)^{-1}
+      (U_A \\otimes U_G)^\\top \\operatorname{vec}(Γ);
+
+* the π-corrected split keeps each factor's damped inverse, made (by
+  Cholesky) with the damping of its refresh, and the solve is one
+  ``kronjax.linalg.Kron`` product,
+
+  .. math::
+
+    \\big((A + π\\sqrt{λ} I) \\otimes (G + \\tfrac{\\sqrt{λ}}{π} I)\\big)^{-1}
+    \\operatorname{vec}(Γ),
+    \\qquad π = \\sqrt{\\frac{\\operatorname{tr} A / d_A}
+                              {\\operatorname{tr} G / d_G}}.
+
+``Γ`` is the gradient of the layer's matrix ``W̄`` (kernel rows, then the bias
+row). ``A ⊗ G`` is never formed. With a :class:`kronjax.Placement`, refreshes
+and storage go through ``kronjax._distributed``; without one nothing here
+touches it.
+
+References:
+  Martens & Grosse 2015, Optimizing neural networks with Kronecker-factored
+  approximate curvature (§6.3, the π-corrected damping).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kronjax import _distributed
+from kronjax._params import LayerSpec, layer_key, map_layers
+from kronjax.blocks import fisher_blocks
+from kronjax.linalg import Kron, KronEigh
+from kronjax.tape import LayerTape
+
+CURVATURE_HINT = (
+    "pass curvature=kronjax.fisher_blocks(tape) (or the tape itself) to "
+    "tx.update(grads, opt_state, params, curvature=...)")
+
+
+class EighFactor(NamedTuple):
+  """One Kronecker factor with exact damping: average and eigenbasis."""
+
+  ema: jax.Array  # (d, d), or (d,) diagonal: moving-average accumulator.
+  eigvals: jax.Array  # (d,): eigenvalues of the average, clipped at 0.
+  eigvecs: jax.Array  # like ema: eigenvectors (ones for a diagonal factor).
+
+
+class InverseFactor(NamedTuple):
+  """One Kronecker factor with the π-split: average and damped inverse."""
+
+  ema: jax.Array  # (d, d), or (d,) diagonal: moving-average accumulator.
+  inverse: jax.Array  # like ema: (average + shift·I)⁻¹ at the last refresh.
+
+
+Factor = EighFactor | InverseFactor
+
+
+class LayerFactors(NamedTuple):
+  """The factor state of one layer."""
+
+  a: Factor  # inputs: (d_A, d_A), or (vocab,) for an embedding's diagonal.
+  g: Factor  # outputs: (d_G, d_G).
+  weight: jax.Array  # () factor dtype: accumulated EMA weight, 1 - decay^k.
+
+
+class Settings(NamedTuple):
+  """Static options of both K-FAC transformations; the defaults are theirs."""
+
+  decay: float = 0.95
+  factor_every: int = 1
+  inverse_every: int = 10
+  exact_damping: bool = False
+  factor_dtype: Any = None  # None: the params' float dtype, at least float32
+  placement: Any = None  # a kronjax.Placement over more than one device
+
+
+DAMPING = 1e-3  # the default damping λ (the adaptive step's initial one)
+
+
+def _init_factor(d: int, diagonal: bool, dtype: Any, exact: bool) -> Factor:
+  shape = (d,) if diagonal else (d, d)
+  identity = jnp.ones(d, dtype) if diagonal else jnp.eye(d, dtype=dtype)
+  if exact:
+    return EighFactor(jnp.zeros(shape, dtype), jnp.zeros(d, dtype), identity)
+  return InverseFactor(jnp.zeros(shape, dtype), identity)
+
+
+def factor_dtype(params: Any, settings: Settings) -> jnp.dtype:
+  """``factor_dtype``, or by default the params' float dtype (≥ float32)."""
+  if settings.factor_dtype is not None:
+    return jnp.dtype(settings.factor_dtype)
+  floats = [x.dtype for x in jax.tree.leaves(params)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.result_type(jnp.float32, *floats)
+
+
+def init(params: Any, layers: dict[str, LayerSpec],
+         settings: Settings) -> dict[str, LayerFactors]:
+  """Zero averages and identity eigenbases (or inverses) for every layer."""
+  dtype = factor_dtype(params, settings)
+  factors = {}
+  for key, spec in layers.items():
+    d_a, d_g = spec.factor_sizes
+    factors[key] = LayerFactors(
+        _init_factor(d_a, spec.kind == "embed", dtype, settings.exact_damping),
+        _init_factor(d_g, False, dtype, settings.exact_damping),
+        jnp.zeros([], dtype))
+  if settings.placement is not None:
+    factors = _distributed.init(factors, settings.placement)
+  return factors
+
+
+def check_state(factors: dict[str, LayerFactors], layers, keys,
+                settings: Settings) -> None:
+  """Raises if the state was made for another damping or layout."""
+  multiple = (1 if settings.placement is None
+              else _distributed.row_multiple(settings.placement))
+  for key in keys:
+    f, (d_a, d_g) = factors[key], layers[key].factor_sizes
+    if isinstance(f.a, EighFactor) != settings.exact_damping:
+      made = "exact damping" if isinstance(f.a, EighFactor) else "the π-split"
+      want = "exact damping" if settings.exact_damping else "the π-split"
+      raise ValueError(
+          f"Layer {key}: the optimizer state holds factors for {made}, but "
+          f"this optimizer uses {want} (exact_damping="
+          f"{settings.exact_damping}). Build the optimizer as the state was "
+          "made, or re-initialise the state with tx.init(params).")
+    pad = lambda d: -(-d // multiple) * multiple
+    want_a = (d_a,) if f.a.ema.ndim == 1 else (pad(d_a),) * 2
+    want_g = (pad(d_g),) * 2
+    if (f.a.ema.shape, f.g.ema.shape) != (want_a, want_g):
+      layout = (f"split over {multiple} devices, so padded to a multiple of "
+                f"{multiple}" if multiple > 1 else "replicated, unpadded")
+      raise ValueError(
+          f"Layer {key}: the optimizer state has factors A {f.a.ema.shape} "
+          f"and G {f.g.ema.shape}, but this optimizer stores A {want_a} and "
+          f"G {want_g} ({layout}). The state was made with another "
+          "placement: build the optimizer as it was, or re-initialise the "
+          "state with tx.init(params).")
+
+
+def checked_blocks(curvature: Any, layers: dict[str, LayerSpec],
+                   factors: dict[str, LayerFactors]):
+  """A function computing ``{key: (A, G)}``, and its keys; checked at trace.
+
+  ``curvature`` holds blocks, or tapes whose blocks are computed only when the
+  factors are updated (inside that ``lax.cond``: ``factor_every > 1`` then
+  skips the factors' einsums too).
+  """
+  if not isinstance(curvature, dict):
+    raise ValueError(f"curvature must be a dict {{layer_path: Kron(A, G)}}; "
+                     f"got {type(curvature).__name__}: {CURVATURE_HINT}.")
+  tapes = [isinstance(v, LayerTape) for v in curvature.values()]
+  if any(tapes) and not all(tapes):
+    raise ValueError("curvature must hold only Kron blocks or only "
+                     "LayerTapes, not both.")
+  compute = ((lambda: fisher_blocks(curvature)) if any(tapes)
+             else (lambda: curvature))
+  keys = {}  # state key -> the key of its block in compute()'s dict
+  for given, block in (jax.eval_shape(compute) if any(tapes)
+                       else curvature).items():
+    key = layer_key(given)
+    spec = layers.get(key)
+    if spec is None or key not in factors:
+      raise ValueError(
+          f"curvature has a block for layer {given}, which is not a layer of "
+          "the params (a node with a 'kernel' of rank >= 2 or a 2-D "
+          "'embedding') given to init. Known layers: "
+          f"{[s.path for s in layers.values()]}.")
+    a, g = block.factors
+    want_a = (spec.factor_sizes[0],) * (1 if spec.kind == "embed" else 2)
+    want = (want_a, (spec.d_out,) * 2)
+    if (tuple(a.shape), tuple(g.shape)) != want:
+      params = (f"embedding {spec.kernel}" if spec.kind == "embed" else
+                f"kernel {spec.kernel}, bias {spec.bias}")
+      raise ValueError(
+          f"The block for layer {given} has factors A {tuple(a.shape)} and G "
+          f"{tuple(g.shape)}, but the layer's parameters ({params}) need A "
+          f"{want[0]} and G {want[1]}.")
+    keys[key] = given
+
+  def blocks_fn():
+    blocks = compute()
+    return {key: blocks[given].factors for key, given in keys.items()}
+
+  return blocks_fn, list(keys)
+
+
+def update(f: LayerFactors, a: jax.Array, g: jax.Array,
+           decay: Any) -> LayerFactors:
+  """One step of the moving averages, tracking their accumulated weight.
+
+  ``Ā_k = β Ā_{k-1} + (1 - β) A`` and ``w_k = β w_{k-1} + (1 - β) = 1 - β^k``:
+  ``Ā_k / w_k`` is the bias-corrected average, exact from the first step.
+  """
+  decay = jnp.asarray(decay, f.weight.dtype)
+
+  def ema(side: Factor, new: jax.Array) -> Factor:
+    # Stored averages may be zero-padded (a split layout): pad the block.
+    new = jnp.pad(new.astype(side.ema.dtype),
+                  [(0, s - d) for d, s in zip(new.shape, side.ema.shape)])
+    return side._replace(ema=decay * side.ema + (1 - decay) * new)
+
+  return LayerFactors(ema(f.a, a), ema(f.g, g),
+                      decay * f.weight + (1 - decay))
+
+
+def _average(f: LayerFactors, side: str) -> jax.Array:
+  weight = jnp.where(f.weight > 0, f.weight, jnp.ones_like(f.weight))
+  return getattr(f, side).ema / weight
+
+
+def pi_correction(f: LayerFactors) -> jax.Array:
+  """``π = sqrt((tr A / d_A) / (tr G / d_G))``; 1 when either trace is 0."""
+  diag = lambda x: x if x.ndim == 1 else jnp.diagonal(x)
+  mean_a, mean_g = (jnp.mean(diag(getattr(f, s).ema)) for s in "ag")
+  ok = (mean_a > 0) & (mean_g > 0)
+  return jnp.sqrt(jnp.where(ok, mean_a, 1) / jnp.where(ok, mean_g, 1))
+
+
+def _damped_inverse(m: jax.Array, shift: jax.Array) -> jax.Array:
+  """``(M + shift·I)⁻¹`` of a PSD ``M`` (a vector: diagonal) by Cholesky.
+
+  When Cholesky fails (``M`` indefinite beyond the shift, from round-off),
+  the eigenvalues are clipped at 0 instead.
+  """
+  if m.ndim == 1:
+    return 1 / (jnp.maximum(m, 0) + shift)
+  eye = jnp.eye(m.shape[0], dtype=m.dtype)
+  chol = jnp.linalg.cholesky(m + shift * eye)
+  inv = jax.scipy.linalg.cho_solve((chol, True), eye)
+
+  def by_eigh(_):
+    vals, vecs = jnp.linalg.eigh(m)
+    return (vecs / (jnp.maximum(vals, 0) + shift)) @ vecs.T
+
+  ok = jnp.all(jnp.isfinite(inv)) & (jnp.min(jnp.diagonal(chol)) > 0)
+  return jax.lax.cond(ok, lambda _: (inv + inv.T) / 2, by_eigh, None)
+
+
+def refresh_side(f: LayerFactors, side: str, damping: Any) -> Factor:
+  """The cached part of one factor's solve: eigenbasis or damped inverse.
+
+  ``damping`` is used only by the π-split, whose inverses include it until
+  the next refresh. Reads only the averages and ``weight``.
+  """
+  factor, mean = getattr(f, side), _average(f, side)
+  if isinstance(factor, EighFactor):
+    decomposition = Kron(mean).eigh_factors()
+    return factor._replace(
+        eigvals=jnp.maximum(decomposition.eigenvalues[0], 0),
+        eigvecs=decomposition.eigenvectors.factors[0])
+  root = jnp.sqrt(jnp.asarray(damping, mean.dtype))
+  pi = pi_correction(f)
+  return factor._replace(inverse=_damped_inverse(
+      mean, pi * root if side == "a" else root / pi))
+
+
+def refresh(f: LayerFactors, damping: Any) -> LayerFactors:
+  """Both factors of a layer refreshed (see :func:`refresh_side`)."""
+  return f._replace(a=refresh_side(f, "a", damping),
+                    g=refresh_side(f, "g", damping))
+
+
+def solve(f: LayerFactors, grad: jax.Array, damping: Any) -> jax.Array:
+  """``(A ⊗ G + λI)⁻¹ vec(Γ)`` (or the π-split) for ``Γ`` shaped like A × G.
+
+  ``grad`` has the stored factors' (possibly padded) sizes; the result is in
+  the factors' dtype.
+  """
+  v = grad.astype(f.weight.dtype).reshape(-1)
+  if isinstance(f.a, EighFactor):
+    decomposition = KronEigh((f.a.eigvals, f.g.eigvals),
+                             Kron(f.a.eigvecs, f.g.eigvecs))
+    x = decomposition.solve(v, jnp.asarray(damping, v.dtype))
+  else:
+    # The inverses are symmetric; contracting G's rows (its transpose) keeps
+    # the product legal when both factors are split by rows (Explicit axes).
+    x = Kron(f.a.inverse, f.g.inverse.T) @ v
+  return x.reshape(grad.shape)
+
+
+def maintain(factors: dict[str, LayerFactors], blocks_fn: Callable, keys,
+             layers: dict[str, LayerSpec], settings: Settings, damping: Any,
+             update_now: jax.Array,
+             refresh_now: jax.Array) -> dict[str, LayerFactors]:
+  """Moving averages and refreshes of the layers with blocks, under conds."""
+  placement = settings.placement
+  sub = {key: factors[key] for key in keys}
+
+  def update_all(fs):
+    blocks = blocks_fn()
+    if placement is not None:
+      blocks = _distributed.replicate(blocks, placement)
+    return {k: update(f, *blocks[k], settings.decay) for k, f in fs.items()}
+
+  if placement is None:
+    refresh_all = lambda fs: {k: refresh(f, damping) for k, f in fs.items()}
+  else:
+    sizes = {k: layers[k].factor_sizes for k in keys}
+    refresh_all = lambda fs: _distributed.refresh(
+        fs, lambda f, side: refresh_side(f, side, damping), placement, sizes)
+    sub = _distributed.constrain(sub, placement)
+  identity = lambda fs: fs
+  sub = jax.lax.cond(update_now, update_all, identity, sub)
+  sub = jax.lax.cond(refresh_now, refresh_all, identity, sub)
+  if placement is not None:
+    sub = _distributed.constrain(sub, placement)
+  return {**factors, **sub}
+
+
+def precondition(grads: Any, covered: dict[str, LayerSpec],
+                 factors: dict[str, LayerFactors], damping: Any,
+                 placement: Any = None) -> Any:
+  """Each covered layer's gradient replaced by its damped solve."""
+
+  def layer(key, leaves):
+    f, spec = factors[key], covered[key]
+    gamma = spec.to_matrix(leaves, jnp.result_type(*leaves.values()))
+    rows = f.a.ema.shape[0] if f.a.ema.ndim == 2 else gamma.shape[0]
+    padded = jnp.pad(gamma, [(0, rows - gamma.shape[0]),
+                             (0, f.g.ema.shape[0] - gamma.shape[1])])
+    x = solve(f, padded, damping)
+    if placement is not None:  # updates must not inherit a split
+      x = _distributed.replicate(x, placement)
+    return spec.from_matrix(x[:gamma.shape[0], :gamma.shape[1]], leaves)
+
+  return map_layers(layer, grads, covered)
+
+
+def precondition_step(grads: Any, factors: dict[str, LayerFactors],
+                      curvature: Any, layers: dict[str, LayerSpec],
+                      settings: Settings, count: jax.Array, damping: Any):
+  """The core of both K-FAC transformations, for one update.
+
+  Returns:
+    ``(preconditioned grads, new factors, covered layers)``; parameters of
+    layers without a block pass through unchanged.
+  """
+  blocks_fn, keys = checked_blocks(curvature, layers, factors)
+  check_state(factors, layers, keys, settings)
+  factors = maintain(factors, blocks_fn, keys, layers, settings, damping,
+                     count % settings.factor_every == 0,
+                     count % settings.inverse_every == 0)
+  covered = {key: layers[key] for key in keys}
+  return (precondition(grads, covered, factors, damping, settings.placement),
+          factors, covered)
