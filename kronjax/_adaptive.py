@@ -166,7 +166,7 @@ def adaptive_step(loss: Any, damping: Any, norm_constraint: Any,
         coefficients=jnp.zeros((2,), dtype))
 
   def update_fn(updates, state, params=None, *, curvature=None,
-                output_fn=None, targets=None, **extra_args):
+                output_fn=None, targets=None, finite=True, **extra_args):
     del extra_args
     if not isinstance(state, AdaptiveKfacState):
       raise ValueError(
@@ -185,7 +185,7 @@ def adaptive_step(loss: Any, damping: Any, norm_constraint: Any,
     dtype, count, lam = state.damping.dtype, state.count, state.damping
     precond, factors, _ = _factors.precondition_step(
         updates, state.factors, curvature, find_layers(updates), settings,
-        count, lam)
+        count, lam, finite)
     delta = jax.tree.map(lambda p, x: -p.astype(x.dtype), precond, params)
     prev = optax.tree.cast_like(state.prev_step, params)
     model = quadratic_model(output_fn, loss, targets, params, updates,
@@ -206,7 +206,7 @@ def adaptive_step(loss: Any, damping: Any, norm_constraint: Any,
       return jnp.where(predicted != 0, levenberg_marquardt(
           lam, rho, interval, DAMPING_BOUNDS), lam)
 
-    due = (interval > 0) & (count % jnp.maximum(interval, 1) == 0)
+    due = finite & (interval > 0) & (count % jnp.maximum(interval, 1) == 0)
     lam = jax.lax.cond(due, adapt, lambda lam: lam, lam)
     count = optax.safe_int32_increment(count)
     out = jax.tree.map(lambda d, g: -d.astype(g.dtype), step, updates)
@@ -217,3 +217,25 @@ def adaptive_step(loss: Any, damping: Any, norm_constraint: Any,
         factors=factors, damping=lam, prev_step=step, coefficients=w)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def with_full_params(inner: optax.GradientTransformation
+                     ) -> optax.GradientTransformationExtraArgs:
+  """``inner`` (a partition) given an ``output_fn`` that fills masked leaves.
+
+  ``optax.partition`` hides the other group's params (``optax.MaskedNode``),
+  but the adaptive step's ``output_fn`` needs them all: they come from this
+  update's ``params`` (as constants: the step moves only its own group).
+  """
+  inner = optax.with_extra_args_support(inner)
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+
+  def update_fn(updates, state, params=None, *, output_fn=None, **extra_args):
+    if output_fn is not None and params is not None:
+      fn: Callable[[Any], Any] = output_fn
+      output_fn = lambda view: fn(jax.tree.map(
+          lambda v, p: p if masked(v) else v, view, params, is_leaf=masked))
+    return inner.update(updates, state, params, output_fn=output_fn,
+                        **extra_args)
+
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)

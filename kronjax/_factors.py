@@ -346,8 +346,12 @@ def precondition(grads: Any, covered: dict[str, LayerSpec],
 
 def precondition_step(grads: Any, factors: dict[str, LayerFactors],
                       curvature: Any, layers: dict[str, LayerSpec],
-                      settings: Settings, count: jax.Array, damping: Any):
+                      settings: Settings, count: jax.Array, damping: Any,
+                      finite: Any = True):
   """The core of both K-FAC transformations, for one update.
+
+  ``finite`` false (from ``kronjax.skip_non_finite``: the step is discarded)
+  leaves the factors alone.
 
   Returns:
     ``(preconditioned grads, new factors, covered layers)``; parameters of
@@ -356,8 +360,8 @@ def precondition_step(grads: Any, factors: dict[str, LayerFactors],
   blocks_fn, keys = checked_blocks(curvature, layers, factors)
   check_state(factors, layers, keys, settings)
   factors = maintain(factors, blocks_fn, keys, layers, settings, damping,
-                     count % settings.factor_every == 0,
-                     count % settings.inverse_every == 0)
+                     finite & (count % settings.factor_every == 0),
+                     finite & (count % settings.inverse_every == 0))
   covered = {key: layers[key] for key in keys}
   return (precondition(grads, covered, factors, damping, settings.placement),
           factors, covered)

@@ -20,7 +20,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +95,12 @@ def skip_non_finite(
   skipping. A refresh that goes wrong shows in the updates it preconditions,
   so the new state itself is not scanned (that would read all of it again
   every step).
+
+  ``inner`` gets the inputs' verdict as the extra argument ``finite``: the
+  K-FAC transformations neither update nor refresh their factors when it is
+  false, which saves the work and, over a mesh, orders the check's
+  collective before theirs (independent collectives may run in another order
+  on each device, which deadlocks XLA:CPU).
   """
   inner = optax.with_extra_args_support(inner)
 
@@ -102,10 +108,11 @@ def skip_non_finite(
     return SkipNonFiniteState(jnp.zeros([], jnp.int32), inner.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
+    given = _all_finite((updates, extra_args.get("curvature"),
+                         extra_args.get("value")))
     new_updates, new_inner = inner.update(updates, state.inner_state, params,
-                                          **extra_args)
-    ok = _all_finite((updates, extra_args.get("curvature"),
-                      extra_args.get("value"), new_updates))
+                                          finite=given, **extra_args)
+    ok = given & _all_finite(new_updates)
     new_inner = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_inner,
                              state.inner_state)
     new_updates = jax.tree.map(lambda u: jnp.where(ok, u, 0), new_updates)
@@ -141,7 +148,8 @@ def _preconditioner(settings, damping, norm_constraint, learning_rate):
                      factors=_factors.init(params, find_layers(params),
                                            settings))
 
-  def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
+  def update_fn(updates, state, params=None, *, curvature=None, finite=True,
+                **extra_args):
     del params, extra_args
     if not isinstance(state, KfacState):
       raise ValueError(
@@ -153,7 +161,7 @@ def _preconditioner(settings, damping, norm_constraint, learning_rate):
     count = state.count
     precond, factors, covered = _factors.precondition_step(
         updates, state.factors, curvature, find_layers(updates), settings,
-        count, _value(damping, count))
+        count, _value(damping, count), finite)
     if norm_constraint is not None:
       dtype = _factors.factor_dtype(updates, settings)
       lr = jnp.asarray(_value(learning_rate, count), dtype)
@@ -308,28 +316,6 @@ def scale_by_adaptive_kfac(
       loss, damping, norm_constraint, damping_adaptation_interval, settings))
 
 
-def _with_full_params(inner: optax.GradientTransformation
-                      ) -> GradientTransformationExtraArgs:
-  """``inner`` (a partition) given an ``output_fn`` that fills masked leaves.
-
-  ``optax.partition`` hides the other group's params (``optax.MaskedNode``),
-  but the adaptive step's ``output_fn`` needs them all: they come from this
-  update's ``params`` (as constants: the step moves only its own group).
-  """
-  inner = optax.with_extra_args_support(inner)
-  masked = lambda x: isinstance(x, optax.MaskedNode)
-
-  def update_fn(updates, state, params=None, *, output_fn=None, **extra_args):
-    if output_fn is not None and params is not None:
-      fn: Callable[[Any], Any] = output_fn
-      output_fn = lambda view: fn(jax.tree.map(
-          lambda v, p: p if masked(v) else v, view, params, is_leaf=masked))
-    return inner.update(updates, state, params, output_fn=output_fn,
-                        **extra_args)
-
-  return GradientTransformationExtraArgs(inner.init, update_fn)
-
-
 def kfac(
     learning_rate: ScalarOrSchedule | None = None,
     *,
@@ -397,4 +383,5 @@ def kfac(
     group = optax.chain(_adaptive.adaptive_step(
         loss, damping, norm_constraint, _adaptive.INTERVAL, settings), optax.scale(-1.0))
   inner = optax.partition({"kfac": group, "fallback": fallback}, param_labels)
-  return skip_non_finite(inner if loss is None else _with_full_params(inner))
+  return skip_non_finite(inner if loss is None
+                         else _adaptive.with_full_params(inner))

@@ -305,6 +305,51 @@ def check_sharded_factors_hlo():
   return sorted({op for op, _ in found})
 
 
+class DeepMlp(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    for width in (192, 128, 96, 64, 48):
+      x = jnp.tanh(nn.Dense(width)(x))
+    return nn.Dense(10)(x)
+
+
+def check_steps_in_flight():
+  """Steps dispatched back to back, tapes as curvature, on 4 devices.
+
+  XLA:CPU may run independent collectives of one program in another order on
+  each device, and then deadlocks (the skip guard's finiteness check, which
+  nothing else waited for, once did).
+  """
+  model, batch, n = DeepMlp(), 256, 4
+  mesh = _mesh((n,), ("data",))
+  rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  x = jax.device_put(jax.random.normal(jax.random.key(0), (batch, 64)), data)
+  y = jax.device_put(jnp.arange(batch) % 10, data)
+  params = jax.device_put(model.init(jax.random.key(1), x)["params"], rep)
+  tape_fn = kronjax.flax.value_grad_and_tape(model, CE, fisher="mc")
+  losses = []
+  for tx in (kronjax.kfac(0.1, damping=1e-2, inverse_every=1),
+             kronjax.kfac(loss=CE, damping=1e-2, inverse_every=1)):
+
+    def step(params, state, x, y, rng, tx=tx):  # the batch an argument
+      loss, grads, tape = tape_fn(params, x, y, rng)
+      updates, state = tx.update(
+          grads, state, params, curvature=tape, targets=y,
+          output_fn=lambda p: model.apply({"params": p}, x))
+      return optax.apply_updates(params, updates), state, loss
+
+    state = jax.jit(tx.init)(params)
+    compiled = jax.jit(step).lower(params, state, x, y,
+                                  jax.random.key(0)).compile()
+    p, s, _ = compiled(params, state, x, y, jax.random.key(0))  # no waiting
+    for i in range(3):
+      p, s, loss = jax.block_until_ready(
+          compiled(p, s, x, y, jax.random.key(i)))
+    losses.append(float(loss))
+  return losses
+
+
 def check_model_parallel():
   """A kernel split over "model" on a data × model mesh."""
   model, params, x, y = _problem("mlp")
@@ -488,6 +533,10 @@ def test_sharded_factors_move_no_batch_sized_array():
 
 def test_explicit_mesh_axes():
   assert _check("check_explicit_axes", devices=4) == {"ok": True}
+
+
+def test_steps_in_flight_do_not_deadlock():
+  assert all(np.isfinite(_check("check_steps_in_flight", devices=4)))
 
 
 def test_model_parallel_kernel_gives_the_same_steps():
