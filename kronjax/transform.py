@@ -253,7 +253,8 @@ def scale_by_kfac(
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs the
     keyword argument ``curvature`` (``{layer_path: Kron(A, G)}`` or
-    ``{layer_path: LayerTape}``) and ignores other keyword arguments.
+    ``{layer_path: LayerTape}``), takes ``finite`` (from an outer
+    :func:`skip_non_finite`) and ignores other keyword arguments.
   """
   if norm_constraint is not None and learning_rate is None:
     raise ValueError(
