@@ -86,9 +86,11 @@ def resolve(placement: Placement | None) -> Placement | None:
   return placement if axis_size(placement) > 1 else None
 
 
-def row_multiple(placement: Placement | None) -> int:
-  """What stored factor sizes are padded to a multiple of (1: unpadded)."""
-  return axis_size(placement) if placement and placement.sharded else 1
+def stored_size(d: int, placement: Placement) -> int:
+  """A factor's stored size: ``d`` padded to a multiple of the axis size if
+  the placement splits the factors, else ``d``."""
+  n = axis_size(placement) if placement.sharded else 1
+  return -(-d // n) * n
 
 
 def assign(costs: dict[Any, float], n: int) -> dict[Any, int]:
@@ -188,8 +190,7 @@ def init(factors: dict[str, Any], placement: Placement) -> dict[str, Any]:
   """Initial factors in the placement's layout (padded and split if sharded)."""
   if not placement.sharded:
     return factors
-  n = axis_size(placement)
-  pad = lambda d: -(-d // n) * n
+  pad = lambda d: stored_size(d, placement)
   return constrain({k: _resize_layer(f, pad(f.a.ema.shape[0]),
                                      pad(f.g.ema.shape[0]))
                     for k, f in factors.items()}, placement)

@@ -129,8 +129,9 @@ def init(params: Any, layers: dict[str, LayerSpec],
 def check_state(factors: dict[str, LayerFactors], layers, keys,
                 settings: Settings) -> None:
   """Raises if the state was made for another damping or layout."""
-  multiple = (1 if settings.placement is None
-              else _distributed.row_multiple(settings.placement))
+  placement = settings.placement
+  pad = ((lambda d: d) if placement is None
+         else (lambda d: _distributed.stored_size(d, placement)))
   for key in keys:
     f, (d_a, d_g) = factors[key], layers[key].factor_sizes
     if isinstance(f.a, EighFactor) != settings.exact_damping:
@@ -141,12 +142,12 @@ def check_state(factors: dict[str, LayerFactors], layers, keys,
           f"this optimizer uses {want} (exact_damping="
           f"{settings.exact_damping}). Build the optimizer as the state was "
           "made, or re-initialise the state with tx.init(params).")
-    pad = lambda d: -(-d // multiple) * multiple
     want_a = (d_a,) if f.a.ema.ndim == 1 else (pad(d_a),) * 2
     want_g = (pad(d_g),) * 2
     if (f.a.ema.shape, f.g.ema.shape) != (want_a, want_g):
-      layout = (f"split over {multiple} devices, so padded to a multiple of "
-                f"{multiple}" if multiple > 1 else "replicated, unpadded")
+      n = pad(1)  # the multiple the stored sizes are padded to
+      layout = (f"split over {n} devices, so padded to a multiple of {n}"
+                if n > 1 else "replicated, unpadded")
       raise ValueError(
           f"Layer {key}: the optimizer state has factors A {f.a.ema.shape} "
           f"and G {f.g.ema.shape}, but this optimizer stores A {want_a} and "

@@ -86,10 +86,9 @@ def layer_block(
   w = None if t.mask is None else t.mask.astype(g.dtype)
   if t.kind == "embed":
     ids = t.inputs  # any shape: each id adds one (no reshape of a split axis)
-    ones = jnp.ones(ids.shape, g.dtype) if w is None else w
     counts = jnp.zeros((t.num_embeddings,), g.dtype).at[ids].add(
-        ones, out_sharding=_replicated(ids))
-    return Kron(counts / _total(ones), _gram(g) / n)
+        1.0 if w is None else w, out_sharding=_replicated(ids))
+    return Kron(counts / (ids.size if w is None else _total(w)), _gram(g) / n)
   a = t.inputs
   if a.ndim != 3 or a.shape[:2] != (n, positions):
     raise ValueError(

@@ -98,6 +98,9 @@ class NegativeLogLikelihood(abc.ABC):
 
   def num_terms(self, targets: jax.Array) -> jax.Array:
     """``M``: the number of unmasked terms (at least 1), a float scalar."""
+    if not self.masks_terms:  # a constant, not a sum over the batch
+      shape = self._term_shape(self._check_targets(targets))
+      return jnp.asarray(math.prod(shape), jnp.result_type(float))
     return jnp.maximum(jnp.sum(self.mask(targets)), 1)
 
   @property

@@ -275,16 +275,13 @@ def value_grad_and_tape_from_run(
       cot = loss.fisher_sqrt(out, y) * scale
     return jax.vmap(lambda c: pullback(c.astype(out.dtype))[1])(cot)
 
-  if not isinstance(with_tape, jax.core.Tracer):
-    fisher_grads = (fisher_output_grads() if bool(with_tape) else
-                    jax.tree_util.tree_map(
-                        lambda s: jnp.zeros(s.shape, s.dtype),
-                        jax.eval_shape(fisher_output_grads)))
-  else:
-    zeros = lambda: jax.tree_util.tree_map(
-        lambda s: jnp.zeros(s.shape, s.dtype),
-        jax.eval_shape(fisher_output_grads))
+  zeros = lambda: jax.tree_util.tree_map(
+      lambda s: jnp.zeros(s.shape, s.dtype),
+      jax.eval_shape(fisher_output_grads))
+  if isinstance(with_tape, jax.core.Tracer):
     fisher_grads = jax.lax.cond(with_tape, fisher_output_grads, zeros)
+  else:
+    fisher_grads = fisher_output_grads() if bool(with_tape) else zeros()
   mask = loss.mask(y).reshape(n, -1) if loss.masks_terms else None
   tape = {path: _layer_tape(metas[path], inputs[path], fisher_grads[path], n,
                             mask) for path in metas}
