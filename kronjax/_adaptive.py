@@ -39,8 +39,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kronjax import _distributed, _factors
-from kronjax._params import find_layers
+from kronjax import _distributed, _factors, _params
 
 DAMPING_BOUNDS = (1e-5, 1e3)  # (min, max) of the adapted λ
 INTERVAL = 5  # the default T of Levenberg–Marquardt
@@ -135,11 +134,13 @@ def levenberg_marquardt(damping: jax.Array, rho: jax.Array, interval: Any,
 
 
 def adaptive_step(loss: Any, damping: Any, norm_constraint: Any,
-                  interval: int, settings: _factors.Settings
+                  interval: int, settings: _factors.Settings,
+                  every_layer: bool = False
                   ) -> optax.GradientTransformationExtraArgs:
   """The adaptive K-FAC transformation without its non-finite guard.
 
   See ``kronjax.scale_by_adaptive_kfac``; its output is ``−d``.
+  ``every_layer``: see ``kronjax.transform._preconditioner``.
   """
   if not (callable(loss) and hasattr(loss, "fisher_vp")):
     raise TypeError(
@@ -156,7 +157,8 @@ def adaptive_step(loss: Any, damping: Any, norm_constraint: Any,
                      f"no adaptation); got {interval!r}.")
 
   def init_fn(params):
-    factors = _factors.init(params, find_layers(params), settings)
+    factors = _factors.init(params, _params.optimizer_layers(params, settings),
+                            settings)
     dtype = _factors.factor_dtype(params, settings)
     prev = jax.tree.map(lambda p: jnp.zeros(
         p.shape, jnp.promote_types(p.dtype, dtype)), params)
@@ -174,7 +176,7 @@ def adaptive_step(loss: Any, damping: Any, norm_constraint: Any,
           "state of another transformation: pass the state its own init made.")
     if curvature is None:
       raise ValueError(f"The adaptive K-FAC step needs this batch's Fisher "
-                       f"blocks: {_factors.CURVATURE_HINT}.")
+                       f"blocks: {_params.CURVATURE_HINT}.")
     if output_fn is None or targets is None or params is None:
       raise ValueError(
           "The adaptive K-FAC step needs params, output_fn= (params -> the "
@@ -182,10 +184,14 @@ def adaptive_step(loss: Any, damping: Any, norm_constraint: Any,
           "targets): tx.update(grads, opt_state, params, curvature=..., "
           "output_fn=..., targets=...). For a fixed step size use "
           "kronjax.kfac(learning_rate=...) instead.")
+    if not getattr(output_fn, "fills_masked", False):
+      _refuse_masked(params)
     dtype, count, lam = state.damping.dtype, state.count, state.damping
-    precond, factors, _ = _factors.precondition_step(
-        updates, state.factors, curvature, find_layers(updates), settings,
+    layers = _params.optimizer_layers(updates, settings)
+    precond, factors, covered = _factors.precondition_step(
+        updates, state.factors, curvature, layers, settings,
         count, lam, finite)
+    _params.check_covered(updates, layers, covered, settings, every_layer)
     delta = jax.tree.map(lambda p, x: -p.astype(x.dtype), precond, params)
     prev = optax.tree.cast_like(state.prev_step, params)
     model = quadratic_model(output_fn, loss, targets, params, updates,
@@ -219,6 +225,17 @@ def adaptive_step(loss: Any, damping: Any, norm_constraint: Any,
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _refuse_masked(params: Any) -> None:
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  if any(masked(x) for x in jax.tree.leaves(params, is_leaf=masked)):
+    raise ValueError(
+        "The adaptive K-FAC step runs inside optax.partition (or another "
+        "wrapper that masks params), so output_fn would see "
+        "optax.MaskedNode in place of the other group's params. Use "
+        "kronjax.kfac(loss=..., fallback=...) instead: its fallback "
+        "optimizer takes the parameters outside K-FAC's layers.")
+
+
 def with_full_params(inner: optax.GradientTransformation
                      ) -> optax.GradientTransformationExtraArgs:
   """``inner`` (a partition) given an ``output_fn`` that fills masked leaves.
@@ -232,9 +249,11 @@ def with_full_params(inner: optax.GradientTransformation
 
   def update_fn(updates, state, params=None, *, output_fn=None, **extra_args):
     if output_fn is not None and params is not None:
+      _refuse_masked(params)
       fn: Callable[[Any], Any] = output_fn
       output_fn = lambda view: fn(jax.tree.map(
           lambda v, p: p if masked(v) else v, view, params, is_leaf=masked))
+      output_fn.fills_masked = True  # the adaptive step may take masked params
     return inner.update(updates, state, params, output_fn=output_fn,
                         **extra_args)
 

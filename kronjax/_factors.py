@@ -42,15 +42,16 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kronjax import _distributed
-from kronjax._params import LayerSpec, layer_key, map_layers
+from kronjax import _distributed, _params
+from kronjax._params import (
+  LayerSpec,
+  layer_key,
+  map_layers,
+)
 from kronjax.blocks import fisher_blocks
 from kronjax.linalg import Kron, KronEigh
-from kronjax.tape import LayerTape
-
-CURVATURE_HINT = (
-    "pass curvature=kronjax.fisher_blocks(tape) (or the tape itself) to "
-    "tx.update(grads, opt_state, params, curvature=...)")
+from kronjax.linalg import _factors as _linalg
+from kronjax.tape import LayerTape, SummedTape, TiedTape
 
 
 class EighFactor(NamedTuple):
@@ -88,16 +89,26 @@ class Settings(NamedTuple):
   exact_damping: bool = False
   factor_dtype: Any = None  # None: the params' float dtype, at least float32
   placement: Any = None  # a kronjax.Placement over more than one device
+  layers: Any = None  # {layer_key: LayerSpec} from the tape; None: guessed
+
+
+def _over_stack(fn: Callable, stack: int) -> Callable:
+  for _ in range(stack):  # fn mapped over `stack` leading axes of its args
+    fn = jax.vmap(fn)
+  return fn
 
 
 DAMPING = 1e-3  # the default damping λ (the adaptive step's initial one)
 
 
-def _init_factor(d: int, diagonal: bool, dtype: Any, exact: bool) -> Factor:
-  shape = (d,) if diagonal else (d, d)
-  identity = jnp.ones(d, dtype) if diagonal else jnp.eye(d, dtype=dtype)
+def _init_factor(d: int, diagonal: bool, dtype: Any, exact: bool,
+                 stack: tuple[int, ...] = ()) -> Factor:
+  shape = stack + ((d,) if diagonal else (d, d))
+  identity = jnp.broadcast_to(
+      jnp.ones(d, dtype) if diagonal else jnp.eye(d, dtype=dtype), shape)
   if exact:
-    return EighFactor(jnp.zeros(shape, dtype), jnp.zeros(d, dtype), identity)
+    return EighFactor(jnp.zeros(shape, dtype), jnp.zeros(stack + (d,), dtype),
+                      identity)
   return InverseFactor(jnp.zeros(shape, dtype), identity)
 
 
@@ -114,14 +125,21 @@ def init(params: Any, layers: dict[str, LayerSpec],
          settings: Settings) -> dict[str, LayerFactors]:
   """Zero averages and identity eigenbases (or inverses) for every layer."""
   dtype = factor_dtype(params, settings)
+  if settings.layers is not None:
+    _params.check_given(params, layers)
   factors = {}
   for key, spec in layers.items():
     d_a, d_g = spec.factor_sizes
+    stack, exact = spec.stack_shape, settings.exact_damping
     factors[key] = LayerFactors(
-        _init_factor(d_a, spec.kind == "embed", dtype, settings.exact_damping),
-        _init_factor(d_g, False, dtype, settings.exact_damping),
-        jnp.zeros([], dtype))
+        _init_factor(d_a, spec.kind == "embed", dtype, exact, stack),
+        _init_factor(d_g, False, dtype, exact, stack),
+        jnp.zeros(stack, dtype))
   if settings.placement is not None:
+    stacked = [k for k, spec in layers.items() if spec.stack]
+    if stacked:
+      raise ValueError(f"Stacked layers {stacked} (nn.scan) cannot be placed "
+                       "over devices yet; leave placement=None.")
     factors = _distributed.init(factors, settings.placement)
   return factors
 
@@ -142,8 +160,10 @@ def check_state(factors: dict[str, LayerFactors], layers, keys,
           f"this optimizer uses {want} (exact_damping="
           f"{settings.exact_damping}). Build the optimizer as the state was "
           "made, or re-initialise the state with tx.init(params).")
-    want_a = (d_a,) if f.a.ema.ndim == 1 else (pad(d_a),) * 2
-    want_g = (pad(d_g),) * 2
+    stack = layers[key].stack_shape
+    want_a = stack + ((d_a,) if layers[key].kind == "embed"
+                      else (pad(d_a),) * 2)
+    want_g = stack + (pad(d_g),) * 2
     if (f.a.ema.shape, f.g.ema.shape) != (want_a, want_g):
       n = pad(1)  # the multiple the stored sizes are padded to
       layout = (f"split over {n} devices, so padded to a multiple of {n}"
@@ -157,7 +177,7 @@ def check_state(factors: dict[str, LayerFactors], layers, keys,
 
 
 def checked_blocks(curvature: Any, layers: dict[str, LayerSpec],
-                   factors: dict[str, LayerFactors]):
+                   factors: dict[str, LayerFactors], guessed: bool = True):
   """A function computing ``{key: (A, G)}``, and its keys; checked at trace.
 
   ``curvature`` holds blocks, or tapes whose blocks are computed only when the
@@ -166,8 +186,14 @@ def checked_blocks(curvature: Any, layers: dict[str, LayerSpec],
   """
   if not isinstance(curvature, dict):
     raise ValueError(f"curvature must be a dict {{layer_path: Kron(A, G)}}; "
-                     f"got {type(curvature).__name__}: {CURVATURE_HINT}.")
-  tapes = [isinstance(v, LayerTape) for v in curvature.values()]
+                     f"got {type(curvature).__name__}: {_params.CURVATURE_HINT}.")
+  if not curvature:
+    raise ValueError(
+        "curvature is empty: the tape function tapped no layer of the model "
+        "(or no block was given), so K-FAC has nothing to precondition with. "
+        "Train such a model with a first-order optimizer.")
+  tapes = [isinstance(v, (LayerTape, SummedTape, TiedTape))
+           for v in curvature.values()]
   if any(tapes) and not all(tapes):
     raise ValueError("curvature must hold only Kron blocks or only "
                      "LayerTapes, not both.")
@@ -180,20 +206,23 @@ def checked_blocks(curvature: Any, layers: dict[str, LayerSpec],
     spec = layers.get(key)
     if spec is None or key not in factors:
       raise ValueError(
-          f"curvature has a block for layer {given}, which is not a layer of "
-          "the params (a node with a 'kernel' of rank >= 2 or a 2-D "
-          "'embedding') given to init. Known layers: "
-          f"{[s.path for s in layers.values()]}.")
+          f"curvature has a block for layer {given}, which is not a layer "
+          "the optimizer knows (those of layers=, or else nodes of the "
+          "params given to init with a 'kernel' of rank >= 2 or a 2-D "
+          f"'embedding'): {[s.path for s in layers.values()]}.")
     a, g = block.factors
-    want_a = (spec.factor_sizes[0],) * (1 if spec.kind == "embed" else 2)
-    want = (want_a, (spec.d_out,) * 2)
+    stack = spec.stack_shape
+    want_a = stack + (spec.factor_sizes[0],) * (1 if spec.kind == "embed"
+                                                 else 2)
+    want = (want_a, stack + (spec.d_out,) * 2)
     if (tuple(a.shape), tuple(g.shape)) != want:
-      params = (f"embedding {spec.kernel}" if spec.kind == "embed" else
+      params = (f"embedding {spec.kernel}" if spec.kind != "dense" else
                 f"kernel {spec.kernel}, bias {spec.bias}")
+      how = "guessed from the params" if guessed else "as layers= gives it"
       raise ValueError(
           f"The block for layer {given} has factors A {tuple(a.shape)} and G "
-          f"{tuple(g.shape)}, but the layer's parameters ({params}) need A "
-          f"{want[0]} and G {want[1]}.")
+          f"{tuple(g.shape)}, but the layer ({params}, {how}) needs A "
+          f"{want[0]} and G {want[1]}. {_params.LAYERS_HINT}.")
     keys[key] = given
 
   def blocks_fn():
@@ -223,60 +252,59 @@ def update(f: LayerFactors, a: jax.Array, g: jax.Array,
 
 
 def _average(f: LayerFactors, side: str) -> jax.Array:
+  """A factor's bias-corrected average (leading stack axes kept)."""
   weight = jnp.where(f.weight > 0, f.weight, jnp.ones_like(f.weight))
-  return getattr(f, side).ema / weight
+  ema = getattr(f, side).ema
+  return ema / weight.reshape(weight.shape + (1,) * (ema.ndim - weight.ndim))
+
+
+def _diagonal(f: LayerFactors, side: str) -> jax.Array:
+  ema = getattr(f, side).ema
+  return ema if ema.ndim == f.weight.ndim + 1 else jnp.diagonal(
+      ema, axis1=-2, axis2=-1)
 
 
 def pi_correction(f: LayerFactors) -> jax.Array:
   """``π = sqrt((tr A / d_A) / (tr G / d_G))``; 1 when either trace is 0."""
-  diag = lambda x: x if x.ndim == 1 else jnp.diagonal(x)
-  mean_a, mean_g = (jnp.mean(diag(getattr(f, s).ema)) for s in "ag")
+  mean_a, mean_g = (jnp.mean(_diagonal(f, s), axis=-1) for s in "ag")
   ok = (mean_a > 0) & (mean_g > 0)
   return jnp.sqrt(jnp.where(ok, mean_a, 1) / jnp.where(ok, mean_g, 1))
-
-
-def _damped_inverse(m: jax.Array, shift: jax.Array) -> jax.Array:
-  """``(M + shift·I)⁻¹`` of a PSD ``M`` (a vector: diagonal) by Cholesky.
-
-  When Cholesky fails (``M`` indefinite beyond the shift, from round-off),
-  the eigenvalues are clipped at 0 instead.
-  """
-  if m.ndim == 1:
-    return 1 / (jnp.maximum(m, 0) + shift)
-  eye = jnp.eye(m.shape[0], dtype=m.dtype)
-  chol = jnp.linalg.cholesky(m + shift * eye)
-  inv = jax.scipy.linalg.cho_solve((chol, True), eye)
-
-  def by_eigh(_):
-    vals, vecs = jnp.linalg.eigh(m)
-    return (vecs / (jnp.maximum(vals, 0) + shift)) @ vecs.T
-
-  ok = jnp.all(jnp.isfinite(inv)) & (jnp.min(jnp.diagonal(chol)) > 0)
-  return jax.lax.cond(ok, lambda _: (inv + inv.T) / 2, by_eigh, None)
 
 
 def refresh_side(f: LayerFactors, side: str, damping: Any) -> Factor:
   """The cached part of one factor's solve: eigenbasis or damped inverse.
 
   ``damping`` is used only by the π-split, whose inverses include it until
-  the next refresh. Reads only the averages and ``weight``.
+  the next refresh. Reads only the averages and ``weight``; a stack of
+  layers is refreshed in one batched call.
   """
   factor, mean = getattr(f, side), _average(f, side)
   if isinstance(factor, EighFactor):
-    decomposition = Kron(mean).eigh_factors()
-    return factor._replace(
-        eigvals=jnp.maximum(decomposition.eigenvalues[0], 0),
-        eigvecs=decomposition.eigenvectors.factors[0])
+    if mean.ndim == f.weight.ndim + 1:  # diagonal: its own eigenvalues
+      return factor._replace(eigvals=jnp.maximum(mean, 0))
+    vals, vecs = jnp.linalg.eigh((mean + jnp.swapaxes(mean, -1, -2)) / 2)
+    return factor._replace(eigvals=jnp.maximum(vals, 0), eigvecs=vecs)
   root = jnp.sqrt(jnp.asarray(damping, mean.dtype))
   pi = pi_correction(f)
-  return factor._replace(inverse=_damped_inverse(
+  return factor._replace(inverse=_linalg.damped_inverse(
       mean, pi * root if side == "a" else root / pi))
 
 
-def refresh(f: LayerFactors, damping: Any) -> LayerFactors:
-  """Both factors of a layer refreshed (see :func:`refresh_side`)."""
-  return f._replace(a=refresh_side(f, "a", damping),
-                    g=refresh_side(f, "g", damping))
+def refresh(f: LayerFactors, damping: Any, stack: int = 0) -> LayerFactors:
+  """Both factors of a layer, or of a stack of ``stack`` leading axes.
+
+  A stack is refreshed in batched calls, except on CPU, where jaxlib's
+  batched LAPACK calls, several at once, can wait on each other forever
+  (jaxlib 0.10): there ``lax.map`` refreshes its layers one by one.
+  """
+  both = lambda f: f._replace(a=refresh_side(f, "a", damping),
+                              g=refresh_side(f, "g", damping))
+  if not stack or jax.default_backend() != "cpu":
+    return both(f)
+  lead = f.weight.shape
+  flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[stack:]), f)
+  return jax.tree.map(lambda x: x.reshape(lead + x.shape[1:]),
+                      jax.lax.map(both, flat))
 
 
 def solve(f: LayerFactors, grad: jax.Array, damping: Any) -> jax.Array:
@@ -312,7 +340,8 @@ def maintain(factors: dict[str, LayerFactors], blocks_fn: Callable, keys,
     return {k: update(f, *blocks[k], settings.decay) for k, f in fs.items()}
 
   if placement is None:
-    refresh_all = lambda fs: {k: refresh(f, damping) for k, f in fs.items()}
+    refresh_all = lambda fs: {k: refresh(f, damping, layers[k].stack)
+                              for k, f in fs.items()}
   else:
     sizes = {k: layers[k].factor_sizes for k in keys}
     refresh_all = lambda fs: _distributed.refresh(
@@ -334,13 +363,14 @@ def precondition(grads: Any, covered: dict[str, LayerSpec],
   def layer(key, leaves):
     f, spec = factors[key], covered[key]
     gamma = spec.to_matrix(leaves, jnp.result_type(*leaves.values()))
-    rows = f.a.ema.shape[0] if f.a.ema.ndim == 2 else gamma.shape[0]
-    padded = jnp.pad(gamma, [(0, rows - gamma.shape[0]),
-                             (0, f.g.ema.shape[0] - gamma.shape[1])])
-    x = solve(f, padded, damping)
+    rows = f.a.ema.shape[-1] if spec.kind != "embed" else gamma.shape[-2]
+    padded = jnp.pad(gamma, [(0, 0)] * spec.stack + [
+        (0, rows - gamma.shape[-2]), (0, f.g.ema.shape[-1] - gamma.shape[-1])])
+    x = _over_stack(lambda f, v: solve(f, v, damping), spec.stack)(f, padded)
     if placement is not None:  # updates must not inherit a split
       x = _distributed.replicate(x, placement)
-    return spec.from_matrix(x[:gamma.shape[0], :gamma.shape[1]], leaves)
+    return spec.from_matrix(x[..., :gamma.shape[-2], :gamma.shape[-1]],
+                            leaves)
 
   return map_layers(layer, grads, covered)
 
@@ -358,7 +388,8 @@ def precondition_step(grads: Any, factors: dict[str, LayerFactors],
     ``(preconditioned grads, new factors, covered layers)``; parameters of
     layers without a block pass through unchanged.
   """
-  blocks_fn, keys = checked_blocks(curvature, layers, factors)
+  blocks_fn, keys = checked_blocks(curvature, layers, factors,
+                                   settings.layers is None)
   check_state(factors, layers, keys, settings)
   factors = maintain(factors, blocks_fn, keys, layers, settings, damping,
                      finite & (count % settings.factor_every == 0),

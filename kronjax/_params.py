@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import Any, Callable, Iterable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 Path = tuple[Any, ...]
-LayerKind = Literal["dense", "embed"]
+ATTEND = "@attend"  # in a tape path: the head use (attend) of an embedding
+LayerKind = Literal["dense", "embed", "tied"]
 
 __all__ = ["LayerSpec", "find_layers", "layer_key", "layer_leaves",
            "map_layers", "owner", "param_labels", "tree_paths",
@@ -85,57 +87,72 @@ def layer_key(path: Path | str) -> str:
 
 
 class LayerSpec(NamedTuple):
-  """A layer found in a params tree (static: shapes only).
+  """A layer: where its parameters live and how they form ``W̄`` (static).
+
+  The tape functions know every layer's structure (``fn.layers(...)``);
+  :func:`find_layers` guesses it from the params alone, which is ambiguous for
+  bias-free kernels of rank > 2 and for stacked layers.
 
   Attributes:
     path: the layer's path, e.g. ``("Encoder_0", "Dense_1")``.
-    kind: ``"dense"`` (dense, dense-general, convolution) or ``"embed"``.
-    kernel: shape of the ``kernel`` (``(*in_dims, *out_dims)``) or of the
-      ``embedding`` (``(vocab, d)``).
-    bias: shape of the ``bias`` (``out_dims``), or ``None``.
+    kind: ``"dense"`` (dense, dense-general, convolution), ``"embed"`` (an
+      embedding lookup) or ``"tied"`` (an embedding whose matrix is also
+      used as a dense layer, ``embed.attend``: its input factor is dense).
+    kernel: shape of the ``kernel`` (``(*stack, *in_dims, *out_dims)``) or
+      of the ``embedding`` (``(vocab, d)``).
+    bias: shape of the ``bias`` (``(*stack, *out_dims)``), or ``None``.
+    out_axes: how many trailing kernel axes are outputs.
+    stack: how many leading axes index a stack of layers (``nn.scan``): one
+      Kronecker block per layer of the stack.
   """
 
   path: Path
   kind: LayerKind
   kernel: tuple[int, ...]
   bias: tuple[int, ...] | None
+  out_axes: int = 1
+  stack: int = 0
 
   @property
   def names(self) -> tuple[str, ...]:
     """The parameter names the layer owns."""
-    return ("embedding",) if self.kind == "embed" else ("kernel", "bias")
+    return ("kernel", "bias") if self.kind == "dense" else ("embedding",)
+
+  @property
+  def stack_shape(self) -> tuple[int, ...]:
+    return self.kernel[:self.stack]
 
   @property
   def d_out(self) -> int:
-    if self.kind == "embed" or self.bias is None:
-      return self.kernel[-1]
-    return math.prod(self.bias)
+    return math.prod(self.kernel[len(self.kernel) - self.out_axes:])
 
   @property
   def factor_sizes(self) -> tuple[int, int]:
     """``(d_A, d_G)``: rows of ``W̄`` (inputs, plus one for a bias), columns."""
-    rows = math.prod(self.kernel) // self.d_out
+    rows = math.prod(self.kernel[self.stack:]) // self.d_out
     return rows + (self.bias is not None), self.d_out
 
   def to_matrix(self, leaves: dict[str, jax.Array], dtype: Any) -> jax.Array:
-    """``W̄``, ``(d_A, d_G)``, from the layer's leaves (bias row last)."""
-    if self.kind == "embed":
+    """``W̄``, ``(*stack, d_A, d_G)``, from the layer's leaves (bias last)."""
+    if self.kind != "dense":
       return leaves["embedding"].astype(dtype)
-    rows = [leaves["kernel"].reshape(-1, self.d_out)]
+    lead = self.stack_shape
+    rows = [leaves["kernel"].reshape(lead + (-1, self.d_out))]
     if self.bias is not None:
-      rows.append(leaves["bias"].reshape(1, self.d_out))
-    return jnp.concatenate([r.astype(dtype) for r in rows], axis=0)
+      rows.append(leaves["bias"].reshape(lead + (1, self.d_out)))
+    return jnp.concatenate([r.astype(dtype) for r in rows], axis=-2)
 
   def from_matrix(self, matrix: jax.Array,
                   like: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Splits a ``W̄``-shaped matrix into leaves shaped and typed ``like``."""
-    if self.kind == "embed":
+    if self.kind != "dense":
       return {"embedding": matrix.astype(like["embedding"].dtype)}
     kernel = like["kernel"]
-    rows = matrix.shape[0] - (self.bias is not None)
-    out = {"kernel": matrix[:rows].reshape(kernel.shape).astype(kernel.dtype)}
+    rows = matrix.shape[-2] - (self.bias is not None)
+    out = {"kernel": matrix[..., :rows, :].reshape(kernel.shape).astype(
+        kernel.dtype)}
     if self.bias is not None:
-      out["bias"] = matrix[-1].reshape(like["bias"].shape).astype(
+      out["bias"] = matrix[..., -1, :].reshape(like["bias"].shape).astype(
           like["bias"].dtype)
     return out
 
@@ -157,7 +174,8 @@ def find_layers(tree: Any) -> dict[str, LayerSpec]:
       bias = leaves.get(parent + ("bias",))
       layers[layer_key(parent)] = LayerSpec(
           parent, "dense", tuple(leaf.shape),
-          None if bias is None else tuple(bias.shape))
+          None if bias is None else tuple(bias.shape),
+          1 if bias is None else max(len(bias.shape), 1))
     elif name == "embedding" and len(leaf.shape) == 2:
       layers[layer_key(parent)] = LayerSpec(parent, "embed", tuple(leaf.shape),
                                             None)
@@ -196,10 +214,12 @@ def layer_leaves(tree: Any, layers: dict[str, LayerSpec]) -> list[Any]:
           if owner(path, layers) is not None]
 
 
-def param_labels(params: Any) -> Any:
-  """``"kfac"`` for the parameters of layers, ``"fallback"`` for the rest."""
+def param_labels(params: Any, layers: dict[str, LayerSpec] | None = None
+                 ) -> Any:
+  """``"kfac"`` for the parameters of ``layers`` (default: every layer
+  :func:`find_layers` guesses), ``"fallback"`` for the rest."""
   flat, treedef = tree_paths(params)
-  layers = find_layers(params)
+  layers = find_layers(params) if layers is None else layers
   return jax.tree_util.tree_unflatten(treedef, [
       "fallback" if owner(path, layers) is None else "kfac"
       for path, _ in flat])
@@ -230,3 +250,123 @@ def uncovered_parameters(params: Any,
   covered = {k: s for k, s in find_layers(params).items() if k in given}
   return [path for path, _ in tree_paths(params)[0]
           if owner(path, covered) is None]
+
+
+# Which layers the optimizer has: as the tape sees them (layers=), or guessed.
+
+CURVATURE_HINT = (
+    "pass curvature=kronjax.fisher_blocks(tape) (or the tape itself) to "
+    "tx.update(grads, opt_state, params, curvature=...)")
+
+LAYERS_HINT = (
+    "Pass the layers as the tape function sees them: "
+    "kfac(..., layers=tape_fn.layers(params, x)) (or scale_by_kfac / "
+    "scale_by_adaptive_kfac), with tape_fn from "
+    "kronjax.flax.value_grad_and_tape or kronjax.nn.value_grad_and_tape")
+
+
+def optimizer_layers(tree: Any, settings: Any) -> dict[str, LayerSpec]:
+  """The layers: those given (``layers=``), or guessed from ``tree``."""
+  return find_layers(tree) if settings.layers is None else settings.layers
+
+
+def given_layers(layers: Any) -> dict[str, LayerSpec] | None:
+  """Checks and normalises ``layers=`` (``{path or key: LayerSpec}``)."""
+  if layers is None:
+    return None
+  if not isinstance(layers, dict) or not all(
+      isinstance(v, LayerSpec) for v in layers.values()):
+    raise TypeError(f"layers= takes the dict of LayerSpecs that "
+                    f"tape_fn.layers(params, x) returns; got {layers!r}.")
+  return {layer_key(k): v for k, v in layers.items()}
+
+
+def check_given(params: Any, layers: dict[str, LayerSpec]) -> None:
+  """Raises if ``layers=`` does not describe the arrays of ``params``."""
+  found = {}
+  for path, leaf in tree_paths(params)[0]:
+    found[path] = tuple(getattr(leaf, "shape", ()))
+  for key, spec in layers.items():
+    names = ("kernel", "bias") if spec.kind == "dense" else ("embedding",)
+    for name, want in zip(names, (spec.kernel, spec.bias)):
+      have = found.get(tuple(spec.path) + (name,))
+      if want is not None and have != want:
+        raise ValueError(
+            f"layers= describes layer {key} with {name} {want}, but params "
+            f"have {'none' if have is None else have} there: the layers "
+            "come from another model or params.")
+
+
+def layer_specs(metas: dict[Any, Any], params) -> dict[str, Any]:
+  """``{layer_key: LayerSpec}`` of the tapped layers: what the optimizer needs.
+
+  The tape knows each layer's input/output split (a bias-free dense-general
+  kernel does not tell it) and how many leading axes stack layers.
+  """
+  leaves = {path: leaf for path, leaf in tree_paths(params)[0]}
+  specs = {}
+  for path, m in metas.items():
+    if path and path[-1] == ATTEND:  # an embedding used as a head
+      embedding = leaves[tuple(path[:-1]) + ("embedding",)]
+      specs[layer_key(path[:-1])] = LayerSpec(
+          tuple(path[:-1]), "tied", tuple(embedding.shape), None)
+      continue
+    if layer_key(path) in specs:  # tied already
+      continue
+    name = "embedding" if m.kind == "embed" else "kernel"
+    kernel = leaves.get(tuple(path) + (name,))
+    if kernel is None:
+      raise ValueError(f"Layer {path} has no {name!r} at {tuple(path)} in the "
+                       "params given.")
+    bias = leaves.get(tuple(path) + ("bias",)) if m.has_bias else None
+    stack = len(kernel.shape) - (2 if m.kind == "embed" else m.kernel_ndim)
+    specs[layer_key(path)] = LayerSpec(
+        tuple(path), m.kind, tuple(kernel.shape),
+        None if bias is None else tuple(bias.shape), m.out_axes, stack)
+  return specs
+
+
+def warn_untapped(metas: dict[Any, Any], params,
+                  adapter: str) -> None:
+  """Warns (once per trace) about kernels that no tapped layer owns."""
+  tapped = {layer_key(p[:-1] if p and p[-1] == ATTEND else p) for p in metas}
+  untapped = [spec.path for key, spec in find_layers(params).items()
+              if key not in tapped]
+  if not metas:
+    warnings.warn(
+        f"{adapter} tapped no layer of this model, so K-FAC has no "
+        "curvature for it and kronjax.kfac would train it entirely with its "
+        "fallback optimizer.", stacklevel=4)
+  elif untapped:
+    warnings.warn(
+        f"{adapter}: the layers {untapped} hold a kernel or embedding but "
+        "were not tapped (a module kronjax cannot tap, such as nn.Einsum, "
+        "nn.ConvTranspose or one that calls self.param itself). Build the "
+        "optimizer with layers=tape_fn.layers(params, x) so that they go to "
+        "the fallback optimizer, or pass layers=[...] to the tape function "
+        "to choose the tapped layers yourself.", stacklevel=4)
+
+
+def check_covered(updates, layers: dict[str, LayerSpec], covered,
+                   settings: Any, every_layer: bool) -> None:
+  """Raises (in :func:`kfac`) or warns about layers with no block."""
+  present = {key for key in layers
+             if layer_leaves(updates, {key: layers[key]})}
+  missing = sorted(present - set(covered))
+  if not missing:
+    return
+  if every_layer:
+    raise ValueError(
+        f"curvature has no block for layers {missing}, which kfac routes to "
+        "K-FAC: its learning rate would move them as plain gradient steps. "
+        + ("They were guessed from the params (every 'kernel' of rank >= 2 "
+           "and 'embedding'); a layer the tape function does not tap belongs "
+           "to the fallback optimizer. " + LAYERS_HINT
+           if settings.layers is None else
+           "layers= names them: pass curvature for every layer it names")
+        + ".")
+  warnings.warn(
+      f"K-FAC: curvature has no block for layers {missing}; their "
+      "gradients pass through unpreconditioned.", stacklevel=2)
+
+

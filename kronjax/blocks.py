@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from kronjax.linalg import Kron
-from kronjax.tape import LayerPath, LayerTape, Tape
+from kronjax.tape import LayerPath, LayerTape, SummedTape, Tape, TiedTape
 
 WeightSharing = Literal["expand", "reduce"]
 
@@ -76,8 +76,21 @@ def layer_block(
   """The ``Kron(A, G)`` block of one layer's tape (see the module docstring).
 
   A tape with a ``mask`` leaves its masked positions out of ``A`` (their
-  output gradients, and so their part of ``G``, are zero already).
+  output gradients, and so their part of ``G``, are zero already). A
+  :class:`kronjax.tape.SummedTape` (a layer inside ``nn.scan``, ``remat``,
+  ``vmap``...) gives the expand rule's factors, with the stack's leading axes
+  for a stack of layers (``Kron`` of stacked factors, as ``jax.vmap(Kron)``).
   """
+  if isinstance(t, TiedTape):
+    return _tied_block(t, weight_sharing, path)
+  if isinstance(t, SummedTape):
+    if weight_sharing == "reduce":
+      raise ValueError(
+          f"Layer {path} ran inside a transformation nested in the model; "
+          'its statistics are summed as K-FAC-expand needs them, so use '
+          'weight_sharing="expand" (the default).')
+    count = jnp.maximum(t.count, 1)[..., None, None]
+    return _stacked_kron(t.aa / count, t.gg.sum(axis=0) / t.num_examples)
   g = t.output_grads
   if g.ndim != 4:
     raise ValueError(f"Layer {path}: output_grads must be (S, N, T, d_out), "
@@ -107,6 +120,49 @@ def layer_block(
   if w is None:
     return Kron(_gram(a) / (n * positions), _gram(g) / n)
   return Kron(_gram(a, w) / _total(w), _gram(g) / n)
+
+
+def _tied_block(t: TiedTape, weight_sharing: WeightSharing,
+                path: LayerPath) -> Kron:
+  """One ``Kron(A, G)`` for an embedding ``E`` (``(vocab, d)``) that is also
+  the head ``h ↦ E h``.
+
+  The lookups give ``diag(c) ⊗ G_e`` and the head, a dense layer with kernel
+  ``Eᵀ``, gives ``G_h ⊗ A_h`` in ``E``'s row-major layout (its input factor
+  ``A_h`` is ``d × d``, its output factor ``G_h`` is ``vocab × vocab``). K-FAC
+  drops the cross terms between the two uses, as between any two layers, and
+  takes the nearest Kronecker product (Frobenius norm; Van Loan & Pitsianis
+  1993) of the sum ``X₁ ⊗ Y₁ + X₂ ⊗ Y₂``: ``A = Σ αᵢ Xᵢ``, ``G = Σ βᵢ Yᵢ``
+  with ``β`` the top eigenvector of ``Gx Gy`` (the 2 × 2 Gram matrices
+  ``⟨Xᵢ, Xⱼ⟩`` and ``⟨Yᵢ, Yⱼ⟩``) and ``α = Gy β / βᵀGyβ``; the sum is never
+  formed. ``A`` is dense (``vocab × vocab``).
+  """
+  a_h, g_h = layer_block(t.head, weight_sharing, path).factors
+  if t.lookup is None:
+    return Kron(g_h, a_h)
+  c, g_e = layer_block(t.lookup, weight_sharing, path).factors
+  xs, ys = (jnp.diag(c), g_h), (g_e, a_h)
+  gram = lambda ms: jnp.array([[jnp.vdot(p, q) for q in ms] for p in ms])
+  gx, gy = gram(xs), gram(ys)
+  m = gx @ gy  # a 2 x 2 with entries >= 0: its top eigenvector is >= 0
+  half_tr, det = (m[0, 0] + m[1, 1]) / 2, m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0]
+  top = half_tr + jnp.sqrt(jnp.maximum(half_tr**2 - det, 0))
+  u, v = jnp.array([m[0, 1], top - m[0, 0]]), jnp.array([top - m[1, 1], m[1, 0]])
+  beta = jnp.where(jnp.sum(u * u) >= jnp.sum(v * v), u, v)
+  beta = jnp.abs(beta)  # the Perron vector; abs only fixes the sign
+  beta = jnp.where(jnp.sum(beta) > 0, beta, jnp.ones(2, beta.dtype))
+  beta = beta / jnp.sum(beta)
+  alpha = gy @ beta / jnp.maximum(beta @ gy @ beta, jnp.finfo(beta.dtype).tiny)
+  return Kron(alpha[0] * xs[0] + alpha[1] * xs[1],
+              beta[0] * ys[0] + beta[1] * ys[1])
+
+
+def _stacked_kron(a: jax.Array, g: jax.Array) -> Kron:
+  """``Kron(a, g)``, for factors with leading stack axes too."""
+  if a.ndim == 2:
+    return Kron(a, g)
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(
+      Kron(jnp.zeros((1, 1)), jnp.zeros((1, 1)))), [a, g])
 
 
 def _total(w: jax.Array) -> jax.Array:

@@ -46,10 +46,10 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 
-from kronjax._params import tree_paths
+from kronjax._params import layer_specs, tree_paths
 from kronjax.tape import (LayerPath, Recorder, Tape, check_fisher_mode,
-                          conv_patches, value_grad_and_tape_from_run,
-                          wanted_layers)
+                          conv_patches, discover,
+                          value_grad_and_tape_from_run, wanted_layers)
 
 __all__ = ["conv", "dense", "embed", "value_grad_and_tape"]
 
@@ -204,7 +204,8 @@ def _record(name: str, kernel, bias, inputs: Callable[[], jax.Array], out, *,
   if not rec.wants(path, name):
     return out
   return rec.record(path, inputs(), out, kind=kind,
-                    has_bias=bias is not None, num_embeddings=num_embeddings)
+                    has_bias=bias is not None, num_embeddings=num_embeddings,
+                    kernel_ndim=kernel.ndim)
 
 
 @contextlib.contextmanager
@@ -251,14 +252,26 @@ def value_grad_and_tape(
 
   def fn(params, x, y, rng=None, *, with_tape=True, **kwargs):
 
-    def run(p, perturbations):
-      rec = Recorder(perturbations, wanted)
+    def run(p, perturbations, probes):
+      rec = Recorder(perturbations, wanted, probes)
       with _tapping(rec, p):
         out = apply_fn(p, x, **kwargs)
       rec.check_layers("the tapped layers it called", "kronjax.nn")
       return out, rec.inputs, rec.metas
 
     return value_grad_and_tape_from_run(run, loss, fisher, samples, params, y,
-                                        rng, with_tape=with_tape)
+                                        rng, with_tape=with_tape,
+                                        warn=wanted is None)
 
+  def layers(params, x, **kwargs):
+
+    def run(p, perturbations, probes):
+      rec = Recorder(perturbations, wanted, probes)
+      with _tapping(rec, p):
+        out = apply_fn(p, x, **kwargs)
+      return out, rec.inputs, rec.metas
+
+    return layer_specs(discover(run, params)[1], params)
+
+  fn.layers = layers
   return fn

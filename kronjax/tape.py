@@ -32,7 +32,9 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 
-from kronjax._params import layer_key
+from kronjax import _summed
+from kronjax._params import layer_key, layer_specs, warn_untapped
+from kronjax._summed import ATTEND, SummedTape, TiedTape
 
 LayerPath = tuple[str | int, ...]  # module names; list indices are ints
 FISHER_MODES = ("mc", "empirical", "exact")
@@ -71,7 +73,9 @@ class LayerTape:
   mask: jax.Array | None = None
 
 
-Tape = dict[LayerPath, LayerTape]
+Tape = dict[LayerPath, LayerTape | SummedTape | TiedTape]
+
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +86,11 @@ class LayerMeta:
   has_bias: bool
   num_embeddings: int
   d_out: int  # the number of outputs (columns of W̄)
-  output_shapes: tuple[jax.ShapeDtypeStruct, ...]  # one per call
+  output_shapes: tuple[jax.ShapeDtypeStruct, ...]  # one per direct call
+  d_a: int = 0  # rows of W̄ (inputs, plus one for a bias)
+  out_axes: int = 1  # trailing kernel axes that are outputs
+  kernel_ndim: int = 2  # the kernel's rank as the layer sees it
+  summed: bool = False  # called inside a transformation: a SummedTape
 
 
 def wanted_layers(
@@ -109,9 +117,11 @@ class Recorder:
   the recorder was created in, because their values cannot leave it.
   """
 
-  def __init__(self, perturbations, layers: dict[str, Any] | None):
+  def __init__(self, perturbations, layers: dict[str, Any] | None,
+               probes: dict | None = None):
     self.perturbations = perturbations
     self.layers = layers
+    self.probes = probes or {}  # used where the layer holds none itself
     self.inputs: dict[LayerPath, list[jax.Array]] = {}
     self.metas: dict[LayerPath, LayerMeta] = {}
     self.seen: dict[LayerPath, str] = {}  # every layer-like call, for errors
@@ -124,36 +134,65 @@ class Recorder:
 
   def record(self, path: LayerPath, inputs: jax.Array, out: jax.Array, *,
              kind: Literal["dense", "embed"], has_bias: bool,
-             num_embeddings: int = 0, out_axes: int = 1) -> jax.Array:
+             num_embeddings: int = 0, out_axes: int = 1, kernel_ndim: int = 2,
+             probe: dict | None = None) -> jax.Array:
     """Records one call of a layer; returns ``out`` plus its perturbation.
 
     ``inputs`` are ``(N, ..., d_in)`` in tape layout (or integer ids); the
-    last ``out_axes`` axes of ``out`` are the features.
+    last ``out_axes`` axes of ``out`` are the features. A call inside a
+    transformation nested in the model is summed in its backward pass
+    instead (:class:`SummedTape`), through ``probe``, the zero probe the
+    adapter found beside the layer's parameters.
     """
-    self.check_trace(f"Layer {path}")
-    calls = self.inputs.setdefault(path, [])
-    calls.append(inputs)
-    shapes = self.metas[path].output_shapes if path in self.metas else ()
+    summed = self.nested()
+    if summed and kind == "embed":
+      self.check_trace(f"Embedding {path}")
+    d_out = int(np.prod(out.shape[len(out.shape) - out_axes:]))
+    d_a = (num_embeddings if kind == "embed"
+           else inputs.shape[-1] + bool(has_bias))
+    old = self.metas.get(path)
+    if old is not None and old.summed != summed:
+      raise ValueError(
+          f"Layer {path} is called both inside and outside a JAX "
+          "transformation nested in the model; kronjax taps one or the other.")
+    shapes = old.output_shapes if old is not None else ()
+    if not summed:
+      shapes += (jax.ShapeDtypeStruct(out.shape, out.dtype),)
     self.metas[path] = LayerMeta(
         kind=kind, has_bias=bool(has_bias), num_embeddings=int(num_embeddings),
-        d_out=int(np.prod(out.shape[len(out.shape) - out_axes:])),
-        output_shapes=shapes + (jax.ShapeDtypeStruct(out.shape, out.dtype),))
+        d_out=d_out, output_shapes=shapes, d_a=d_a, out_axes=out_axes,
+        kernel_ndim=kernel_ndim, summed=summed)
+    if summed:
+      probe = self.probes.get(path) if probe is None else probe
+      if probe is None:  # the discovering pass, or no probe (an error below)
+        if self.perturbations is not None:
+          raise ValueError(f"Layer {path}: no probe found beside its "
+                           "parameters inside the transformation.")
+        return out
+      if has_bias:
+        inputs = jnp.concatenate([inputs, jnp.ones_like(inputs[..., :1])], -1)
+      return _summed.summed(out, jax.lax.stop_gradient(inputs), probe)
+    calls = self.inputs.setdefault(path, [])
+    calls.append(inputs)
     if self.perturbations is None:
       return out
     return out + self.perturbations[path][len(calls) - 1]
 
+  def nested(self) -> bool:
+    """Whether this runs inside a transformation nested in the model."""
+    return _opaque_trace_state(convention="kronjax") != self._trace
+
   def check_trace(self, what: str) -> None:
-    """Raises if ``what`` (a layer) runs under a transformation in the model."""
-    if _opaque_trace_state(convention="kronjax") != self._trace:
+    """Raises if ``what`` runs under a transformation nested in the model."""
+    if self.nested():
       raise ValueError(
           f"{what} is called inside a JAX transformation nested in the "
-          "model (nn.scan, nn.vmap, nn.remat, nnx.scan, nnx.vmap, nnx.remat, "
-          "jax.lax.scan, jax.vmap, jax.checkpoint, ...). The tape cannot "
-          "see the layer's inputs there: they never leave the transformation. "
-          "For the tapped step, unroll scanned or vmapped layers (a Python "
-          "loop over layers) and drop remat, or leave the layer out with "
-          "layers=[...] and give its parameters another optimizer "
-          "(kronjax.uncovered_parameters lists them).")
+          "model (nn.scan, nn.remat, nnx.scan, jax.lax.scan, jax.vmap, "
+          "jax.checkpoint, ...), where kronjax cannot tap it (dense and "
+          "convolution layers of Flax can be tapped there; embeddings and "
+          "kronjax.nn layers given a copy of their kernel cannot). Call it "
+          "outside the transformation, or leave it out with layers=[...]: "
+          "its parameters then go to the fallback optimizer.")
 
   def check_layers(self, called: str, kinds: str) -> None:
     """Raises if ``layers=`` names a layer that was not tapped."""
@@ -199,19 +238,33 @@ def check_fisher_mode(fisher: str, samples: int) -> None:
     raise ValueError(f"samples must be a positive int, got {samples!r}.")
 
 
-# A tapped forward pass: ``run(params, perturbations)`` computes the model's
-# outputs; every tapped layer adds ``perturbations[path][call]`` (zeros) to its
-# output. It returns the outputs, ``Recorder.inputs`` and ``Recorder.metas``,
-# and may return a fourth item, the model's non-parameter state after the pass
-# (NNX batch statistics, RNG counts). ``perturbations=None`` adds nothing (run
-# once, abstractly, to learn the output shapes).
-Run = Callable[[Any, Any], tuple]
+# A tapped forward pass: ``run(params, perturbations, probes)`` computes the
+# model's outputs; every tapped layer adds ``perturbations[path][call]`` (zeros)
+# to its output, and a layer inside a nested transformation finds
+# ``probes[path]`` beside its parameters. It returns the outputs,
+# ``Recorder.inputs`` and ``Recorder.metas``, and may return a fourth item,
+# the model's non-parameter state after the pass (NNX batch statistics, RNG
+# counts). ``perturbations=None`` adds nothing (run once, abstractly, to
+# learn the layers).
+Run = Callable[[Any, Any, Any], tuple]
+
+
+def discover(run: Run, params) -> tuple[Any, dict[LayerPath, LayerMeta]]:
+  """The output shape and the tapped layers of ``run``, without FLOPs."""
+  metas: dict[LayerPath, LayerMeta] = {}
+
+  def trace(p):
+    out, _, seen = run(p, None, None)[:3]
+    metas.update(seen)
+    return out
+
+  return jax.eval_shape(trace, params), metas
 
 
 def value_grad_and_tape_from_run(
     run: Run, loss, fisher: str, samples: int, params, y, rng,
     return_state: bool = False, with_tape: bool | jax.Array = True,
-) -> tuple:
+    warn: bool = False) -> tuple:
   """Loss, gradients and tapes from one forward pass and two backward passes.
 
   The forward pass is linearised once (``jax.vjp``); the loss gradient and the
@@ -223,14 +276,9 @@ def value_grad_and_tape_from_run(
   Returns:
     ``(loss_value, grads, tape)``, plus the run's state if ``return_state``.
   """
-  metas: dict[LayerPath, LayerMeta] = {}
-
-  def discover(p):
-    out, _, seen = run(p, None)[:3]
-    metas.update(seen)
-    return out
-
-  out_shape = jax.eval_shape(discover, params)
+  out_shape, metas = discover(run, params)
+  if warn:
+    warn_untapped(metas, params, "value_grad_and_tape")
   if not hasattr(out_shape, "shape") or len(out_shape.shape) < 2:
     raise ValueError(
         "The model must return one array of outputs shaped (N, ..., C); got "
@@ -244,19 +292,29 @@ def value_grad_and_tape_from_run(
   _check_labels(y, out_shape.shape, getattr(loss, "ignore_index", None))
   if fisher == "mc" and rng is None:
     raise ValueError('fisher="mc" samples targets: pass rng=jax.random.key(..).')
+  nested = [path for path, m in metas.items() if m.summed]
+  if nested and loss.masks_terms:
+    raise ValueError(
+        f"Layers {nested} run inside a JAX transformation nested in the "
+        "model, where kronjax sums their statistics without knowing which "
+        "positions a masked loss (ignore_index) leaves out. Use a loss "
+        "without ignore_index, or unroll those layers.")
 
   perts = {path: [jnp.zeros(s.shape, s.dtype) for s in m.output_shapes]
-           for path, m in metas.items()}
+           for path, m in metas.items() if not m.summed}
+  zero_probes = _summed.probes(metas, layer_specs(metas, params),
+                               params) if nested else {}
 
-  def forward(p, e):
-    result = run(p, e)
+  def forward(p, e, q):
+    result = run(p, e, q)
     return result[0], (result[1], result[3] if return_state else None)
 
   out, pullback, (inputs, state) = jax.vjp(forward, params, perts,
+                                           zero_probes,
                                            has_aux=True)
   num_terms = loss.num_terms(y)
   loss_value = loss(out, y)
-  grads, out_grads = pullback(
+  grads, out_grads, loss_stats = pullback(
       (loss.output_grad(out, y) / num_terms).astype(out.dtype))
   # Per-example gradients carry sqrt(N / M) so that G = sum_s mean_n g g^T is
   # the Fisher of the mean loss over M terms (M = N without extra dims).
@@ -264,8 +322,10 @@ def value_grad_and_tape_from_run(
 
   def fisher_output_grads():
     if fisher == "empirical":  # the loss pass's, times M
-      return jax.tree_util.tree_map(
-          lambda g: (g * (num_terms * scale))[None], out_grads)
+      c = num_terms * scale
+      return jax.tree_util.tree_map(lambda g: (g * c)[None], out_grads), {
+          p: {**st, "gg": st["gg"] * c**2} for p, st in
+          jax.tree_util.tree_map(lambda x: x[None], loss_stats).items()}
     if fisher == "mc":
       draws = loss.sample_targets(rng, out, samples)
       cot = jax.vmap(lambda t: loss.output_grad(out, t))(draws)
@@ -273,18 +333,26 @@ def value_grad_and_tape_from_run(
       cot = cot * (loss.mask(y)[None, ..., None] * scale / jnp.sqrt(samples))
     else:
       cot = loss.fisher_sqrt(out, y) * scale
-    return jax.vmap(lambda c: pullback(c.astype(out.dtype))[1])(cot)
+    return jax.vmap(lambda c: pullback(c.astype(out.dtype))[1:])(cot)
 
   zeros = lambda: jax.tree_util.tree_map(
       lambda s: jnp.zeros(s.shape, s.dtype),
       jax.eval_shape(fisher_output_grads))
   if isinstance(with_tape, jax.core.Tracer):
-    fisher_grads = jax.lax.cond(with_tape, fisher_output_grads, zeros)
+    fisher_grads, stats = jax.lax.cond(with_tape, fisher_output_grads, zeros)
   else:
-    fisher_grads = fisher_output_grads() if bool(with_tape) else zeros()
+    fisher_grads, stats = (fisher_output_grads() if bool(with_tape)
+                           else zeros())
   mask = loss.mask(y).reshape(n, -1) if loss.masks_terms else None
-  tape = {path: _layer_tape(metas[path], inputs[path], fisher_grads[path], n,
-                            mask) for path in metas}
+  tape = {}
+  for path, m in metas.items():
+    if m.summed:
+      st = stats[path]  # A's sums and counts are the same in every draw
+      tape[path] = SummedTape(st["aa"][0], st["gg"], st["count"][0], n)
+    else:
+      tape[path] = _layer_tape(m, inputs[path], fisher_grads[path], n, mask)
+  for path in [p for p in tape if p and p[-1] == ATTEND]:
+    tape[path[:-1]] = TiedTape(tape.pop(path[:-1], None), tape.pop(path))
   if return_state:
     return loss_value, grads, tape, state
   return loss_value, grads, tape

@@ -8,9 +8,8 @@
 * :func:`kfac` is the alias: one of them for the layers, a first-order
   optimizer for the other parameters, one atomic skip of non-finite steps.
 
-Both transformations share one core (``kronjax._factors``): all curvature
-state lives in the optax state, and each ``update`` takes the batch's blocks
-or tapes as the extra argument ``curvature=``.
+Both share one core (``kronjax._factors``); each ``update`` takes the
+batch's blocks or tapes as the extra argument ``curvature=``.
 
 References:
   Martens & Grosse 2015, Optimizing neural networks with Kronecker-factored
@@ -20,6 +19,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -27,10 +27,9 @@ import jax.numpy as jnp
 import optax
 from optax import GradientTransformationExtraArgs, ScalarOrSchedule
 
-from kronjax import _adaptive, _distributed, _factors
+from kronjax import _adaptive, _distributed, _factors, _params
 from kronjax._adaptive import AdaptiveKfacState
-from kronjax._params import (find_layers, layer_leaves, map_layers,
-                             param_labels)
+from kronjax._params import LayerSpec, layer_leaves, map_layers, param_labels
 
 __all__ = ["AdaptiveKfacState", "KfacState", "SkipNonFiniteState",
            "curvature_due", "kfac", "scale_by_adaptive_kfac", "scale_by_kfac",
@@ -62,11 +61,11 @@ def curvature_due(opt_state: Any) -> jax.Array:
   skip the Fisher's backward pass and cost about a plain ``value_and_grad``.
 
   Args:
-    opt_state: a state of ``kfac``, ``scale_by_kfac``,
-      ``scale_by_adaptive_kfac`` or any chain or wrapper holding one.
+    opt_state: a state of ``kfac``, ``scale_by_kfac``, ``scale_by_adaptive_kfac``
+      or any chain or wrapper holding one.
 
   Returns:
-    A boolean scalar: ``True`` if any K-FAC state in ``opt_state`` is due.
+    ``True`` if any K-FAC state in ``opt_state`` is due (a bool scalar).
   """
   flags = [flag for _, flag in optax.tree.get_all_with_path(
       opt_state, "curvature_due")]
@@ -87,20 +86,15 @@ def skip_non_finite(
     inner: optax.GradientTransformation) -> GradientTransformationExtraArgs:
   """``inner``, with steps that are not finite skipped atomically.
 
-  As ``optax.apply_if_finite`` does, extended to K-FAC's inputs: when the
-  gradients, the ``curvature`` or ``value`` extra arguments (the batch's
-  loss, if given) or ``inner``'s updates hold a NaN or an infinity, the update
-  is zero and ``inner``'s state stays as it was (so its step counts and
-  schedules do not advance); ``skipped`` counts such steps. It never gives up
-  skipping. A refresh that goes wrong shows in the updates it preconditions,
-  so the new state itself is not scanned (that would read all of it again
-  every step).
-
+  As ``optax.apply_if_finite``, extended to K-FAC's inputs: when the
+  gradients, the ``curvature`` or ``value`` (the batch's loss) extra
+  arguments or ``inner``'s updates are not finite, the update is zero,
+  ``inner``'s state stays (step counts and schedules do not advance) and
+  ``skipped`` counts the step. A bad refresh shows in the updates it
+  preconditions, so the new state is not scanned (that reads it all).
   ``inner`` gets the inputs' verdict as the extra argument ``finite``: the
-  K-FAC transformations neither update nor refresh their factors when it is
-  false, which saves the work and, over a mesh, orders the check's
-  collective before theirs (independent collectives may run in another order
-  on each device, which deadlocks XLA:CPU).
+  K-FAC transformations then skip their factor work, which over a mesh also
+  orders the check's collective before theirs (otherwise XLA:CPU deadlocks).
   """
   inner = optax.with_extra_args_support(inner)
 
@@ -123,7 +117,7 @@ def skip_non_finite(
 
 
 def _settings(decay, factor_every, inverse_every, exact_damping, factor_dtype,
-              placement) -> _factors.Settings:
+              placement, layers) -> _factors.Settings:
   for name, period in (("factor_every", factor_every),
                        ("inverse_every", inverse_every)):
     # An int, or (under optax.inject_hyperparams) an integer array.
@@ -132,21 +126,23 @@ def _settings(decay, factor_every, inverse_every, exact_damping, factor_dtype,
   return _factors.Settings(
       decay, factor_every, inverse_every, bool(exact_damping),
       None if factor_dtype is None else jnp.dtype(factor_dtype),
-      _distributed.resolve(placement))
+      _distributed.resolve(placement), _params.given_layers(layers))
 
 
 def _value(x: ScalarOrSchedule, count: jax.Array) -> Any:
   return x(count) if callable(x) else x
 
 
-def _preconditioner(settings, damping, norm_constraint, learning_rate):
-  """:func:`scale_by_kfac` without its non-finite guard."""
+def _preconditioner(settings, damping, norm_constraint, learning_rate,
+                    every_layer: bool = False):
+  """:func:`scale_by_kfac` unguarded; ``every_layer``: see check_covered."""
 
   def init_fn(params):
     return KfacState(count=jnp.zeros([], jnp.int32),
                      curvature_due=jnp.asarray(True),
-                     factors=_factors.init(params, find_layers(params),
-                                           settings))
+                     factors=_factors.init(
+                         params, _params.optimizer_layers(params, settings),
+                         settings))
 
   def update_fn(updates, state, params=None, *, curvature=None, finite=True,
                 **extra_args):
@@ -157,11 +153,13 @@ def _preconditioner(settings, damping, norm_constraint, learning_rate):
           "another transformation: pass the state its own init made.")
     if curvature is None:
       raise ValueError("scale_by_kfac needs this batch's Fisher blocks: "
-                       f"{_factors.CURVATURE_HINT}.")
+                       f"{_params.CURVATURE_HINT}.")
     count = state.count
+    layers = _params.optimizer_layers(updates, settings)
     precond, factors, covered = _factors.precondition_step(
-        updates, state.factors, curvature, find_layers(updates), settings,
+        updates, state.factors, curvature, layers, settings,
         count, _value(damping, count), finite)
+    _params.check_covered(updates, layers, covered, settings, every_layer)
     if norm_constraint is not None:
       dtype = _factors.factor_dtype(updates, settings)
       lr = jnp.asarray(_value(learning_rate, count), dtype)
@@ -190,6 +188,7 @@ def scale_by_kfac(
     learning_rate: ScalarOrSchedule | None = None,
     factor_dtype: Any = _D.factor_dtype,
     placement: _distributed.Placement | None = _D.placement,
+    layers: dict[str, LayerSpec] | None = None,
 ) -> GradientTransformationExtraArgs:
   """Preconditions gradients with K-FAC (Martens & Grosse 2015).
 
@@ -218,9 +217,8 @@ def scale_by_kfac(
   the chain: ``η²⟨P, g⟩ ≈ ‖ηP‖²_F``, twice the step's KL divergence to second
   order (Ba et al. 2017).
 
-  A step whose gradients, curvature or output is not finite outputs zeros
-  and leaves the state as it was (:func:`skip_non_finite`).
-  Parameter dtypes are kept (bfloat16 stays bfloat16).
+  A step that is not finite outputs zeros and keeps the state
+  (:func:`skip_non_finite`). Parameter dtypes are kept.
 
   Examples:
     >>> import jax.numpy as jnp, optax, kronjax
@@ -249,6 +247,12 @@ def scale_by_kfac(
       float dtype, at least float32.
     placement: a :class:`kronjax.Placement` to spread the refreshes (and, if
       sharded, the factors) over a mesh axis; ``None``: every device does all.
+    layers: the layers as the tape function sees them,
+      ``tape_fn.layers(params, x)``: needed for bias-free dense-general
+      layers (attention projections) and stacked layers (``nn.scan``), whose
+      input/output split the params alone do not tell. ``None``: guessed
+      from the params (every ``kernel`` of rank >= 2, last axis out unless
+      the bias says otherwise, and every 2-D ``embedding``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs the
@@ -261,7 +265,7 @@ def scale_by_kfac(
         "norm_constraint bounds learning_rate² · <P, g>: pass the "
         "learning_rate that follows in the chain (or use kronjax.kfac).")
   settings = _settings(decay, factor_every, inverse_every, exact_damping,
-                       factor_dtype, placement)
+                       factor_dtype, placement, layers)
   return skip_non_finite(_preconditioner(settings, damping, norm_constraint,
                                          learning_rate))
 
@@ -278,6 +282,7 @@ def scale_by_adaptive_kfac(
     damping_adaptation_interval: int = _adaptive.INTERVAL,
     factor_dtype: Any = _D.factor_dtype,
     placement: _distributed.Placement | None = _D.placement,
+    layers: dict[str, LayerSpec] | None = None,
 ) -> GradientTransformationExtraArgs:
   """K-FAC's adaptive step: step size, momentum and damping chosen for you.
 
@@ -302,6 +307,7 @@ def scale_by_adaptive_kfac(
     damping_adaptation_interval: ``T`` of Levenberg–Marquardt (a static int).
     factor_dtype: see :func:`scale_by_kfac`.
     placement: see :func:`scale_by_kfac`.
+    layers: see :func:`scale_by_kfac`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs
@@ -312,7 +318,7 @@ def scale_by_adaptive_kfac(
     as in :func:`scale_by_kfac`.
   """
   settings = _settings(decay, factor_every, inverse_every, exact_damping,
-                       factor_dtype, placement)
+                       factor_dtype, placement, layers)
   return skip_non_finite(_adaptive.adaptive_step(
       loss, damping, norm_constraint, damping_adaptation_interval, settings))
 
@@ -329,10 +335,12 @@ def kfac(
     fallback: optax.GradientTransformation = optax.adam(1e-3),
     factor_dtype: Any = _D.factor_dtype,
     placement: _distributed.Placement | None = _D.placement,
+    layers: dict[str, LayerSpec] | None = None,
 ) -> GradientTransformationExtraArgs:
   """K-FAC with a fixed or adaptive step; a first-order optimizer for the rest.
 
-  The layers (nodes with a ``kernel`` of rank >= 2, or an ``embedding``) get
+  The layers (``layers=tape_fn.layers(params, x)``, or else nodes with a
+  ``kernel`` of rank >= 2 or an ``embedding``) get
   :func:`scale_by_kfac` and ``−learning_rate``, or, given ``loss`` instead,
   :func:`scale_by_adaptive_kfac` (``output_fn=`` and ``targets=`` each
   update). Both use the π-corrected damping; chain the transformations
@@ -362,11 +370,12 @@ def kfac(
     fallback: the optimizer of the parameters outside layers.
     factor_dtype: see :func:`scale_by_kfac`.
     placement: see :func:`scale_by_kfac`.
+    layers: see :func:`scale_by_kfac`. Every layer must get a block in each
+      update's ``curvature`` (else a ``ValueError``): parameters of layers
+      the tape function does not tap go to ``fallback``.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose updates are added to
-    the params; see :func:`scale_by_kfac` and :func:`scale_by_adaptive_kfac`
-    for the extra arguments of ``update``.
+    An ``optax.GradientTransformationExtraArgs`` (updates to add to params).
   """
   if (learning_rate is None) == (loss is None):
     raise ValueError(
@@ -375,14 +384,17 @@ def kfac(
         "output_fn= and targets= passed to each update)"
         + (", not both." if loss is not None else "."))
   settings = _settings(decay, factor_every, inverse_every, False, factor_dtype,
-                       placement)
+                       placement, layers)
   if loss is None:
     group = optax.chain(
-        _preconditioner(settings, damping, norm_constraint, learning_rate),
+        _preconditioner(settings, damping, norm_constraint, learning_rate,
+                        every_layer=True),
         optax.scale_by_learning_rate(learning_rate))
   else:
     group = optax.chain(_adaptive.adaptive_step(
-        loss, damping, norm_constraint, _adaptive.INTERVAL, settings), optax.scale(-1.0))
-  inner = optax.partition({"kfac": group, "fallback": fallback}, param_labels)
+        loss, damping, norm_constraint, _adaptive.INTERVAL, settings,
+        every_layer=True), optax.scale(-1.0))
+  labels = functools.partial(param_labels, layers=settings.layers)
+  inner = optax.partition({"kfac": group, "fallback": fallback}, labels)
   return skip_non_finite(inner if loss is None
                          else _adaptive.with_full_params(inner))

@@ -25,10 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kronjax._params import layer_specs
+from kronjax._summed import ATTEND, PROBE
 from kronjax.flax import _nnx
 from kronjax.tape import (LayerPath, Recorder, Tape, check_fisher_mode,
-                          conv_patches, value_grad_and_tape_from_run,
-                          wanted_layers)
+                          conv_patches, discover,
+                          value_grad_and_tape_from_run, wanted_layers)
 
 __all__ = ["value_grad_and_tape", "TAPPED_CLASSES", "NNX_TAPPED_CLASSES"]
 
@@ -40,6 +42,7 @@ TAPPED_CLASSES = tuple(_LINEN_KINDS)
 NNX_TAPPED_CLASSES = tuple(_NNX_KINDS)
 # Linen wraps every method; the tap runs where a tapped class's own runs.
 _LINEN_CALLS = {cls.__call__.__wrapped__: cls for cls in _LINEN_KINDS}
+_LINEN_ATTEND = nn.Embed.attend.__wrapped__
 
 
 def _tuple(x) -> tuple:
@@ -115,6 +118,9 @@ def tap(rec: Recorder, path: LayerPath, module, kind: str,
   linen = isinstance(module, nn.Module)
   name = ("nn." if linen else "nnx.") + type(module).__name__
   out_axes, inputs = 1, x
+  if kind == "attend":  # the embedding as a dense head: x @ embedding.T
+    return rec.record(tuple(path) + (ATTEND,), jnp.asarray(x), call(),
+                      kind="dense", has_bias=False)
   if kind == "conv":
     if module.feature_group_count != 1:
       raise ValueError(
@@ -140,10 +146,15 @@ def tap(rec: Recorder, path: LayerPath, module, kind: str,
   embed = kind == "embed"
   has_bias = not embed and (module.use_bias if linen
                             else getattr(module, "bias", None) is not None)
+  name = "embedding" if embed else "kernel"
+  if linen:
+    kernel, probe = (module.get_variable("params", n) for n in (name, PROBE))
+  else:
+    kernel, probe = getattr(module, name)[...], _nnx.probe(module)
   return rec.record(
       path, jnp.asarray(inputs), out, kind="embed" if embed else "dense",
       has_bias=has_bias, num_embeddings=module.num_embeddings if embed else 0,
-      out_axes=out_axes)
+      out_axes=out_axes, kernel_ndim=len(jnp.shape(kernel)), probe=probe)
 
 
 class _Interceptor:
@@ -153,9 +164,16 @@ class _Interceptor:
     self.rec = rec
 
   def __call__(self, next_fun, args, kwargs, context):
+    module, path = context.module, tuple(context.module.path)
+    if (context.method_name == "attend" and isinstance(module, nn.Embed)
+        and getattr(context.orig_method, "func", None) is _LINEN_ATTEND):
+      if not self.rec.wants(path, "nn.Embed"):
+        return next_fun(*args, **kwargs)
+      return tap(self.rec, path, module, "attend",
+                 lambda: next_fun(*args, **kwargs),
+                 args[0] if args else kwargs["query"])
     if context.method_name != "__call__":
       return next_fun(*args, **kwargs)
-    module, path = context.module, tuple(context.module.path)
     cls = _LINEN_CALLS.get(getattr(context.orig_method, "func", None))
     if cls is None or not isinstance(module, cls):  # nn.ConvLocal shares Conv's
       self.rec.seen.setdefault(path, type(module).__name__)
@@ -172,14 +190,25 @@ def _linen_run(model: nn.Module, x, layers: dict[str, Any] | None,
   """The tapped forward pass ``run(params, perturbations)`` of a linen model."""
   kinds = ", ".join("nn." + c.__name__ for c in TAPPED_CLASSES)
 
-  def run(params, perturbations):
+  def run(params, perturbations, probes):
     rec = Recorder(perturbations, layers)
+    for path, probe in (probes or {}).items():
+      params = _with_leaf(params, tuple(path) + (PROBE,), probe)
     with nn.intercept_methods(_Interceptor(rec)):
       out = model.apply({"params": params}, x, method=method, **apply_kwargs)
     rec.check_layers("called modules", kinds)
     return out, rec.inputs, rec.metas
 
   return run
+
+
+def _with_leaf(tree, path: tuple, leaf):
+  """A copy of nested dicts ``tree`` with ``leaf`` at ``path``."""
+  if not path:
+    return leaf
+  tree = dict(tree)
+  tree[path[0]] = _with_leaf(tree.get(path[0], {}), path[1:], leaf)
+  return tree
 
 
 def _nnx_run(graphdef, rest, x, layers: dict[str, Any] | None,
@@ -194,17 +223,22 @@ def _nnx_run(graphdef, rest, x, layers: dict[str, Any] | None,
   # mutate (batch statistics, RNG counts) Variables made in another trace.
   rest = nnx.as_pure(rest)
 
-  def run(params, perturbations):
+  def run(params, perturbations, probes):
     model = nnx.merge(graphdef, params, rest)
     # A module shared between parents is visited once, at the path under
     # which nnx.split stores its parameters.
     modules = list(nnx.iter_modules(model))
+    for p, m in modules:  # copies made by nnx.scan/vmap/remat keep these
+      if isinstance(m, NNX_TAPPED_CLASSES):
+        _nnx.attach(m, tuple(p), (probes or {}).get(tuple(p)))
+
     rec = Recorder(perturbations, layers)
     for p, m in modules:  # named in errors about layers=
       if not isinstance(m, NNX_TAPPED_CLASSES):
         rec.seen[tuple(p)] = "nnx." + type(m).__name__
     on_call = lambda path, module, cls, call, x: tap(
-        rec, path, module, _NNX_KINDS[cls], call, x)
+        rec, path, module, cls if cls == "attend" else _NNX_KINDS[cls], call,
+        x)
     with _nnx.tapped_calls(rec, {id(m): tuple(p) for p, m in modules},
                            on_call):
       out = model(x, **call_kwargs)
@@ -232,12 +266,12 @@ def value_grad_and_tape(
   * linen: ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``, ``nn.Embed``;
   * NNX: ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv``, ``nnx.Embed``.
 
-  Layers run inside a JAX transformation nested in the model (``nn.scan``,
-  ``nn.vmap``, ``nn.remat``, ``nnx.scan``, ``jax.checkpoint``, ...) cannot be
-  tapped, since their inputs never leave that transformation: the call raises
-  a ``ValueError`` naming the layer. Unroll such layers for the tapped step, or
-  leave them out with ``layers=`` (NNX transforms run copies of the modules,
-  which have no path: with ``layers=`` given they are simply not tapped).
+  Dense and convolution layers inside a JAX transformation nested in the
+  model (``nn.scan`` with or without ``nn.remat``, ``nnx.scan``, ``nn.vmap``
+  or ``jax.vmap`` over examples, ``jax.checkpoint``) are tapped too: their
+  statistics are summed in their own backward pass (``SummedTape``), one
+  block per layer of a stack. Kernels that no tapped layer owns (``nn.Einsum``,
+  ``nn.ConvTranspose``, ...) get a warning.
 
   Args:
     model: a linen ``nn.Module`` or an NNX ``nnx.Module``, returning outputs
@@ -261,10 +295,16 @@ def value_grad_and_tape(
     ``nnx.State`` of the ``nnx.Param``s, and the model's other state (batch
     statistics, RNG counts) is updated in place as ``nnx.value_and_grad``
     would. Either returns the mean loss, its gradients and ``{layer_path:
-    LayerTape}``, ready for ``kronjax.fisher_blocks``. The keyword
+    LayerTape}``, ready for ``kronjax.fisher_blocks`` (a layer inside a
+    transformation nested in the model gets a ``SummedTape``). The keyword
     ``with_tape`` (default ``True``; a traced bool works, e.g.
     ``kronjax.curvature_due(opt_state)``) skips the Fisher's backward pass when
     false, leaving zero output gradients in the tapes.
+
+  ``fn.layers(params_or_model, x, **kwargs)`` returns ``{layer_key:
+  LayerSpec}``, the layers as the tape sees them (input/output split, stacked
+  axes), for ``kronjax.kfac(..., layers=...)``; it traces the model
+  abstractly, without FLOPs.
 
   Example::
 
@@ -291,10 +331,16 @@ def value_grad_and_tape(
       run = _nnx_run(graphdef, rest, x, wanted, **call_kwargs)
       value, grads, tape, new_rest = value_grad_and_tape_from_run(
           run, loss, fisher, samples, params, y, rng, return_state=True,
-          with_tape=with_tape)
+          with_tape=with_tape, warn=wanted is None)
       nnx.update(module, new_rest)  # as nnx.value_and_grad: statistics move
       return value, grads, tape
 
+    def nnx_layers(module, x, **call_kwargs):
+      graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+      run = _nnx_run(graphdef, rest, x, wanted, **call_kwargs)
+      return layer_specs(discover(run, params)[1], params)
+
+    nnx_fn.layers = nnx_layers
     return nnx_fn
   if not isinstance(model, nn.Module):
     raise TypeError(
@@ -306,8 +352,14 @@ def value_grad_and_tape(
     _check_batch(x, y)
     run = _linen_run(model, x, wanted, method=method, **apply_kwargs)
     return value_grad_and_tape_from_run(run, loss, fisher, samples, params, y,
-                                        rng, with_tape=with_tape)
+                                        rng, with_tape=with_tape,
+                                        warn=wanted is None)
 
+  def layers(params, x, **apply_kwargs):
+    run = _linen_run(model, x, wanted, method=method, **apply_kwargs)
+    return layer_specs(discover(run, params)[1], params)
+
+  fn.layers = layers
   return fn
 
 

@@ -25,6 +25,8 @@ from flax import nnx
 from kronjax.tape import LayerPath, Recorder
 
 CLASSES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Embed)
+# The patched methods: every class's __call__, and the embedding's attend.
+_METHODS = tuple((cls, "__call__") for cls in CLASSES) + ((nnx.Embed, "attend"),)
 
 # on_call(path, module, tapped class, call, x) of the tapped run here, if any.
 OnCall = Callable[[LayerPath, Any, type, Callable[[], Any], Any], Any]
@@ -61,9 +63,10 @@ def _install() -> None:
     if _installed["count"] == 0:
       originals = _installed["originals"]
       try:
-        for cls in CLASSES:
-          originals[cls] = cls.__dict__["__call__"]
-          cls.__call__ = _tapping_call(cls, originals[cls])
+        for cls, method in _METHODS:
+          originals[cls, method] = cls.__dict__[method]
+          setattr(cls, method, _tapping_call(cls, originals[cls, method],
+                                             method))
       except BaseException:
         _restore(originals)
         raise
@@ -78,12 +81,13 @@ def _uninstall() -> None:
 
 
 def _restore(originals: dict) -> None:
-  for cls, original in list(originals.items()):
-    cls.__call__ = original
-    del originals[cls]
+  for (cls, method), original in list(originals.items()):
+    setattr(cls, method, original)
+    del originals[cls, method]
 
 
-def _tapping_call(cls: type, original: Callable[..., Any]) -> Callable:
+def _tapping_call(cls: type, original: Callable[..., Any],
+                  method: str) -> Callable:
 
   @functools.wraps(original)
   def __call__(module, *args, **kwargs):
@@ -91,15 +95,37 @@ def _tapping_call(cls: type, original: Callable[..., Any]) -> Callable:
     if active is None:
       return original(module, *args, **kwargs)
     rec, paths, on_call = active
-    path = paths.get(id(module))
+    path = paths.get(id(module), getattr(module, _PATH, None))
     if path is None and rec.layers is None:
       # NNX transforms (nnx.scan, nnx.vmap, nnx.remat) run copies of the
       # modules, which have no path here: refuse rather than skip silently.
       rec.check_trace(f"An nnx.{type(module).__name__} layer")
     if path is None or not rec.wants(path, "nnx." + type(module).__name__):
       return original(module, *args, **kwargs)
-    return on_call(path, module, cls,
+    return on_call(path, module, "attend" if method == "attend" else cls,
                    lambda: original(module, *args, **kwargs),
-                   args[0] if args else kwargs["inputs"])
+                   args[0] if args else kwargs.get("inputs",
+                                                   kwargs.get("query")))
 
   return __call__
+
+
+_PATH, _PROBE = "_kronjax_path", "_kronjax_probe_"
+_STATS = ("aa", "gg", "count")
+
+
+def attach(module: Any, path: LayerPath, probe: dict | None) -> None:
+  """Marks a layer of a model merged for one tapped run with its path and
+  probe: copies of it made by NNX transforms (``nnx.scan``) keep both, the
+  probe (``nnx.Param``s) sliced as the layer's own parameters are."""
+  object.__setattr__(module, _PATH, path)
+  if probe is not None:
+    for name in _STATS:
+      setattr(module, _PROBE + name, nnx.Param(probe[name]))
+
+
+def probe(module: Any) -> dict | None:
+  """The probe :func:`attach` gave ``module`` (or its copy), if any."""
+  if not hasattr(module, _PROBE + "aa"):
+    return None
+  return {name: getattr(module, _PROBE + name)[...] for name in _STATS}

@@ -146,3 +146,31 @@ def combine(vectors: Sequence[jax.Array],
     v = _along(v, d, i)
     out = v if out is None else op(out, v)
   return out
+
+
+def damped_inverse(m: jax.Array, shift: jax.Array) -> jax.Array:
+  """``(M + shift·I)⁻¹`` of PSD ``M`` by Cholesky; ``M`` and ``shift`` may
+  carry leading stack axes (one matrix per layer of a stack), and ``M`` may
+  be a diagonal (then one axis more than ``shift``, not two).
+
+  When a Cholesky fails (``M`` indefinite beyond the shift, from round-off),
+  the eigenvalues are clipped at 0 instead (for the whole stack, so that the
+  eigendecompositions run only then).
+  """
+  if m.ndim == shift.ndim + 1:
+    return 1 / (jnp.maximum(m, 0) + shift[..., None])
+  shift = shift[..., None, None]
+  eye = jnp.broadcast_to(jnp.eye(m.shape[-1], dtype=m.dtype), m.shape)
+  chol = jnp.linalg.cholesky(m + shift * eye)
+  root = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
+  inv = jnp.swapaxes(root, -1, -2) @ root
+
+  def by_eigh(_):
+    vals, vecs = jnp.linalg.eigh(m)
+    scaled = vecs / (jnp.maximum(vals, 0)[..., None, :] + shift)
+    return scaled @ jnp.swapaxes(vecs, -1, -2)
+
+  ok = jnp.all(jnp.isfinite(inv)) & (jnp.min(jnp.diagonal(
+      chol, axis1=-2, axis2=-1)) > 0)
+  return jax.lax.cond(
+      ok, lambda _: (inv + jnp.swapaxes(inv, -1, -2)) / 2, by_eigh, None)
