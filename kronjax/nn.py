@@ -23,11 +23,14 @@ kernel's path in ``params`` without its last key, so
 ``params["blocks"][0]["kernel"]`` is layer ``("blocks", 0)``. The bias, if any,
 must live beside the kernel. Name the arrays ``kernel``, ``bias`` and
 ``embedding`` so that ``kronjax.uncovered_parameters`` and the optimizer
-recognise them. Kernels are ``(*in_dims, d_out)`` as in Flax. A layer given
-a kernel with no path (a transformed copy, or params passed into a
-``jax.checkpoint``/``lax.scan``/``vmap`` inside ``apply``) raises a
-``ValueError`` when every layer is tapped, and is left untapped when
-``layers=`` names the layers to tap.
+recognise them. Kernels are ``(*in_dims, d_out)`` as in Flax. Layers called
+inside ``jax.checkpoint`` or ``jax.vmap`` (over examples) in ``apply`` are
+tapped when they are given the params' own arrays (closed over, or passed
+with ``in_axes=None``): their statistics are summed in their backward pass
+(``SummedTape``). A layer given a kernel with no path (a transformed copy, a
+slice of stacked kernels in ``lax.scan``) raises a ``ValueError`` when every
+layer is tapped, and is left untapped when ``layers=`` names the layers to
+tap.
 
 Equinox-style models (params are a module pytree) work the same way: call the
 layers on the module's own arrays, e.g. ``kronjax.nn.dense(x, layer.kernel,
@@ -61,19 +64,29 @@ Padding = str | int | Sequence[int | tuple[int, int]]
 
 
 def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
+          index: Any = None,
           precision: jax.lax.PrecisionLike = None) -> jax.Array:
   """A dense layer: ``x`` contracted with ``kernel``, plus ``bias``.
 
   Args:
     x: ``(N, ..., *in_dims)`` inputs.
     kernel: ``(*in_dims, d_out)``: its leading axes contract the trailing axes
-      of ``x`` (``(d_in, d_out)`` for an ordinary dense layer).
-    bias: ``(d_out,)`` or ``None``.
+      of ``x`` (``(d_in, d_out)`` for an ordinary dense layer); with
+      ``index``, a stack of such kernels, ``(L, *in_dims, d_out)``.
+    bias: ``(d_out,)`` or ``None`` (``(L, d_out)`` with ``index``).
+    index: the layer of a stack to apply (an int or a traced int, e.g. the
+      step of a ``jax.lax.scan`` over ``jnp.arange(L)``): pass the stacked
+      params themselves and the index, not a slice, so that the tape knows
+      the layer (one block per layer of the stack).
     precision: passed to ``jax.lax.dot_general``.
 
   Returns:
     ``(N, ..., d_out)`` outputs.
   """
+  stacked = kernel, bias
+  if index is not None:
+    kernel = kernel[index]
+    bias = None if bias is None else bias[index]
   k = kernel.ndim - 1
   if k < 1 or x.shape[x.ndim - k:] != kernel.shape[:-1]:
     raise ValueError(
@@ -86,7 +99,8 @@ def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
   if bias is not None:
     out = out + bias
   inputs = lambda: x.reshape(x.shape[:x.ndim - k] + (-1,))
-  return _record("kronjax.nn.dense", kernel, bias, inputs, out, kind="dense")
+  return _record("kronjax.nn.dense", *stacked, inputs, out, kind="dense",
+                 index=index, kernel_ndim=kernel.ndim)
 
 
 def conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
@@ -176,7 +190,8 @@ def _pad(x, window, kernel_dilation, padding):
 
 
 def _record(name: str, kernel, bias, inputs: Callable[[], jax.Array], out, *,
-            kind: str, num_embeddings: int = 0):
+            kind: str, num_embeddings: int = 0, index: Any = None,
+            kernel_ndim: int | None = None):
   active = _ACTIVE.get()
   if active is None:
     return out
@@ -192,9 +207,12 @@ def _record(name: str, kernel, bias, inputs: Callable[[], jax.Array], out, *,
         f"{name} was given a kernel of shape {kernel.shape} that is not an "
         "array of the params being tapped, so its layer has no path. Pass "
         "the array as it is in params (e.g. params['out']['kernel']), not a "
-        "transformed copy (astype, .T, reshape, a slice of stacked layers, "
-        "...). A layer whose kernel is computed rather than a parameter "
-        "cannot be tapped: write it with plain jax.numpy instead.")
+        "transformed copy (astype, .T, reshape, ...). For a layer of stacked "
+        "kernels (a jax.lax.scan over layers) pass the stack and the layer's "
+        "index: kronjax.nn.dense(h, params['blocks']['kernel'], "
+        "params['blocks']['bias'], index=i), scanning over jnp.arange(L). A "
+        "layer whose kernel is computed rather than a parameter cannot be "
+        "tapped: write it with plain jax.numpy instead.")
   path = kernel_path[:-1]
   if bias is not None and paths.get(id(bias), (None,))[:-1] != path:
     raise ValueError(
@@ -205,7 +223,8 @@ def _record(name: str, kernel, bias, inputs: Callable[[], jax.Array], out, *,
     return out
   return rec.record(path, inputs(), out, kind=kind,
                     has_bias=bias is not None, num_embeddings=num_embeddings,
-                    kernel_ndim=kernel.ndim)
+                    kernel_ndim=kernel.ndim if kernel_ndim is None
+                    else kernel_ndim, index=index)
 
 
 @contextlib.contextmanager

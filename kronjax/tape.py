@@ -135,16 +135,18 @@ class Recorder:
   def record(self, path: LayerPath, inputs: jax.Array, out: jax.Array, *,
              kind: Literal["dense", "embed"], has_bias: bool,
              num_embeddings: int = 0, out_axes: int = 1, kernel_ndim: int = 2,
-             probe: dict | None = None) -> jax.Array:
+             probe: dict | None = None, index: Any = None) -> jax.Array:
     """Records one call of a layer; returns ``out`` plus its perturbation.
 
     ``inputs`` are ``(N, ..., d_in)`` in tape layout (or integer ids); the
     last ``out_axes`` axes of ``out`` are the features. A call inside a
     transformation nested in the model is summed in its backward pass
     instead (:class:`SummedTape`), through ``probe``, the zero probe the
-    adapter found beside the layer's parameters.
+    adapter found beside the layer's parameters; so is a call of layer
+    ``index`` of a stack of kernels (``kronjax.nn``'s ``index=``), through
+    that layer's slice of the stack's probe.
     """
-    summed = self.nested()
+    summed = self.nested() or index is not None
     if summed and kind == "embed":
       self.check_trace(f"Embedding {path}")
     d_out = int(np.prod(out.shape[len(out.shape) - out_axes:]))
@@ -163,7 +165,10 @@ class Recorder:
         d_out=d_out, output_shapes=shapes, d_a=d_a, out_axes=out_axes,
         kernel_ndim=kernel_ndim, summed=summed)
     if summed:
-      probe = self.probes.get(path) if probe is None else probe
+      if probe is None and path in self.probes:
+        probe = self.probes[path]
+        if index is not None:
+          probe = jax.tree.map(lambda p: p[index], probe)
       if probe is None:  # the discovering pass, or no probe (an error below)
         if self.perturbations is not None:
           raise ValueError(f"Layer {path}: no probe found beside its "

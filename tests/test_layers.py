@@ -5,6 +5,7 @@ equals ``Jᵀ H J``, the exact Fisher block of the layer's ``W̄`` (kernel rows,
 then bias), from ``jax.jacobian`` and ``jax.hessian``.
 """
 
+import pathlib
 import warnings
 
 import flax.linen as nn
@@ -340,3 +341,79 @@ def test_the_adaptive_kfac_inside_optax_partition_is_refused_with_advice():
   with pytest.raises(ValueError, match=r"kronjax.kfac\(loss=..., fallback="):
     tx.update(grads, tx.init(params), params, curvature=tape, targets=y,
               output_fn=lambda p: model.apply({"params": p}, x))
+
+
+def test_the_readme_transformer_trains():
+  readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+  section = readme[readme.index("## Transformers"):]
+  blocks = section.split("```python\n")[1:3]
+  code = "\n".join(b[:b.index("```")] for b in blocks)
+  assert len(blocks[1][:blocks[1].index("```")].strip().splitlines()) <= 20
+  scope = {}
+  exec(compile(code.replace("range(20)", "range(12)"), "README.md", "exec"),
+       scope)
+  first = scope["model"].apply({"params": scope["model"].init(
+      jax.random.key(0), scope["x"])["params"]}, scope["x"])
+  start = float(losses.softmax_cross_entropy(first, scope["y"]))
+  assert float(scope["value"]) < start - 0.5, (start, scope["value"])
+
+
+class NnxBlock(nnx.Module):
+
+  def __init__(self, rngs):
+    self.norm = nnx.LayerNorm(16, rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(2, 16, use_bias=False, decode=False,
+                                       rngs=rngs)
+    self.mlp = nnx.Linear(16, 16, use_bias=False, rngs=rngs)
+
+  def __call__(self, h):
+    mask = nnx.make_causal_mask(h[..., 0])
+    h = h + self.attn(self.norm(h), mask=mask)
+    return h + self.mlp(jax.nn.gelu(h))
+
+
+class NnxGPT(nnx.Module):
+  """The NNX scan-over-layers pattern: blocks made by nnx.vmap, run by
+  nnx.scan; bias-free attention; a head tied to the embedding."""
+
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(11, 16, rngs=rngs)
+
+    @nnx.split_rngs(splits=2)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs):
+      return NnxBlock(rngs)
+
+    self.blocks = create(rngs)
+
+  def __call__(self, ids):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def body(h, block):
+      return block(h)
+
+    return self.embed.attend(body(self.embed(ids), self.blocks))
+
+
+def test_an_nnx_transformer_trains_with_adaptive_kfac():
+  model, loss = NnxGPT(nnx.Rngs(0)), losses.softmax_cross_entropy
+  ids = jax.random.randint(jax.random.key(0), (8, 7), 0, 11)
+  x, y = ids[:, :-1], ids[:, 1:]
+  step = kronjax.flax.value_grad_and_tape(model, loss)
+  layers = step.layers(model, x)
+  assert layers["embed"].kind == "tied"
+  query = layers["blocks/attn/query"]
+  assert (query.stack, query.factor_sizes) == (1, (16, 16))
+  optimizer = nnx.Optimizer(model, kronjax.kfac(loss=loss, layers=layers),
+                            wrt=nnx.Param)
+  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+
+  @nnx.jit
+  def train_step(model, optimizer, rng):
+    value, grads, tape = step(model, x, y, rng)
+    optimizer.update(model, grads, curvature=tape, targets=y,
+                     output_fn=lambda p: nnx.merge(graphdef, p, rest)(x))
+    return value
+
+  values = [float(train_step(model, optimizer, jax.random.key(i)))
+            for i in range(10)]
+  assert values[-1] < values[0] - 0.5, values

@@ -261,7 +261,58 @@ def test_pure_jax_checkpoint_and_vmap_over_examples_equal_the_plain_model():
       _assert_blocks(got[path], want[path])
 
 
-def test_pure_jax_slices_of_stacked_kernels_are_refused():
+def _stacked_params():
+  k = jax.random.split(jax.random.key(4), 4)
+  return {"inp": {"kernel": jax.random.normal(k[0], (5, 4), F64) / 2},
+          "blocks": {"kernel": jax.random.normal(k[1], (L, 4, 4), F64) / 2,
+                     "bias": jax.random.normal(k[2], (L, 4), F64)},
+          "head": {"kernel": jax.random.normal(k[3], (4, 3), F64)}}
+
+
+def _scanned_apply(p, x):
+  blocks = p["blocks"]
+  body = lambda h, i: (jnp.tanh(knn.dense(h, blocks["kernel"], blocks["bias"],
+                                          index=i)), None)
+  h = jax.lax.scan(body, knn.dense(x, p["inp"]["kernel"]), jnp.arange(L))[0]
+  return knn.dense(h, p["head"]["kernel"])
+
+
+def _unrolled_apply(p, x):
+  h = knn.dense(x, p["inp"]["kernel"])
+  for i in range(L):
+    h = jnp.tanh(knn.dense(h, p[f"b{i}"]["kernel"], p[f"b{i}"]["bias"]))
+  return knn.dense(h, p["head"]["kernel"])
+
+
+def _unstack(p):
+  return {"inp": p["inp"], "head": p["head"], **{
+      f"b{i}": jax.tree.map(lambda a: a[i], p["blocks"]) for i in range(L)}}
+
+
+def test_pure_jax_lax_scan_over_a_stack_equals_the_unrolled_layers():
+  x, y = _data()
+  loss, params = losses.squared_error, _stacked_params()
+  step = knn.value_grad_and_tape(_scanned_apply, loss, fisher="exact")
+  assert step.layers(params, x)["blocks"].stack == 1
+  value, grads, tape = jax.jit(step)(params, x, y)
+  uvalue, ugrads, utape = knn.value_grad_and_tape(
+      _unrolled_apply, loss, fisher="exact")(_unstack(params), x, y)
+  blocks, ublocks = kronjax.fisher_blocks(tape), kronjax.fisher_blocks(utape)
+  np.testing.assert_allclose(value, uvalue, rtol=1e-13)
+  for i in range(L):
+    _assert_blocks(_layer(blocks[("blocks",)], i), ublocks[(f"b{i}",)])
+  jax.tree.map(np.testing.assert_allclose, _unstack(grads), ugrads)
+  updates = []
+  for apply, p in ((_scanned_apply, params), (_unrolled_apply, _unstack(params))):
+    step = knn.value_grad_and_tape(apply, loss, fisher="exact")
+    tx = kronjax.kfac(0.3, layers=step.layers(p, x), inverse_every=1)
+    _, g, t = step(p, x, y)
+    updates.append(tx.update(g, tx.init(p), p, curvature=t)[0])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-10),
+               _unstack(updates[0]), updates[1])
+
+
+def test_pure_jax_slices_of_stacked_kernels_are_refused_with_advice():
   params = {"stack": {"kernel": jnp.ones((3, 4, 4), F64) / 4},
             "head": {"kernel": jnp.ones((4, 3), F64)}}
   x, y = jnp.ones((2, 4), F64), jnp.ones((2, 3), F64)
@@ -273,10 +324,47 @@ def test_pure_jax_slices_of_stacked_kernels_are_refused():
 
   with pytest.raises(ValueError, match="nested in the model.*kronjax.nn"):
     knn.value_grad_and_tape(scanned, losses.squared_error)(params, x, y)
+
+  def sliced(p, x):
+    for i in range(3):
+      x = knn.dense(x, p["stack"]["kernel"][i])
+    return knn.dense(x, p["head"]["kernel"])
+
+  with pytest.raises(ValueError, match=r"index=i\), scanning over"):
+    knn.value_grad_and_tape(sliced, losses.squared_error)(params, x, y)
   tape = knn.value_grad_and_tape(scanned, losses.squared_error,
                                  layers=["head"])(params, x, y,
                                                   jax.random.key(0))[2]
   assert set(tape) == {("head",)}
+
+
+class NnxLaxScan(nnx.Module):
+  """Stacked NNX blocks run by a hand-written jax.lax.scan over their state."""
+
+  def __init__(self, rngs):
+    self.inner = NnxStack(rngs, "scan")
+
+  def __call__(self, x):
+    inner = self.inner
+    graphdef, state = nnx.split(inner.blocks)
+
+    def body(h, st):
+      return nnx.merge(graphdef, st)(h), None
+
+    return inner.head(jax.lax.scan(body, inner.inp(x), state)[0])
+
+
+def test_nnx_blocks_under_a_hand_written_lax_scan_equal_nnx_scan():
+  x, y = _data()
+  loss = losses.squared_error
+  model = NnxLaxScan(nnx.Rngs(0))
+  got = kronjax.fisher_blocks(kronjax.flax.value_grad_and_tape(
+      model, loss, fisher="exact")(model, x, y)[2])
+  want = kronjax.fisher_blocks(kronjax.flax.value_grad_and_tape(
+      model.inner, loss, fisher="exact")(model.inner, x, y)[2])
+  assert {p[1:] for p in got} == set(want)
+  for path in got:
+    _assert_blocks(got[path], want[path[1:]])
 
 
 def test_masked_losses_and_reduce_are_refused_for_summed_layers():
