@@ -198,7 +198,7 @@ class NnxStack(nnx.Module):
     return self.head(x)
 
 
-def test_nnx_scan_blocks_equal_the_unrolled_layers():
+def test_nnx_scan_blocks_and_updates_equal_the_unrolled_layers():
   x, y = _data()
   loss = losses.squared_error
   stacked = NnxStack(nnx.Rngs(0), "scan")
@@ -220,6 +220,21 @@ def test_nnx_scan_blocks_equal_the_unrolled_layers():
     _assert_blocks(_layer(blocks[("blocks", "linear")], i),
                    ublocks[("blocks", i, "linear")])
   _assert_blocks(blocks[("head",)], ublocks[("head",)])
+  updates = []
+  for model in (stacked, unrolled):
+    step = kronjax.flax.value_grad_and_tape(model, loss, fisher="exact")
+    tx = kronjax.kfac(0.3, layers=step.layers(model, x), inverse_every=1)
+    params = nnx.state(model, nnx.Param)
+    _, grads, tape = step(model, x, y)
+    updates.append(tx.update(grads, tx.init(params), params,
+                             curvature=tape)[0])
+  got, want = nnx.to_pure_dict(updates[0]), nnx.to_pure_dict(updates[1])
+  for i in range(L):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-10),
+                 jax.tree.map(lambda a: a[i], got["blocks"]),
+                 want["blocks"][i])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-10),
+               got["head"], want["head"])
 
 
 def test_nnx_remat_equals_the_plain_block():
