@@ -134,13 +134,11 @@ def levenberg_marquardt(damping: jax.Array, rho: jax.Array, interval: Any,
 
 
 def adaptive_step(loss: Any, damping: Any, norm_constraint: Any,
-                  interval: int, settings: _factors.Settings,
-                  every_layer: bool = False
+                  interval: int, settings: _factors.Settings
                   ) -> optax.GradientTransformationExtraArgs:
   """The adaptive K-FAC transformation without its non-finite guard.
 
   See ``kronjax.scale_by_adaptive_kfac``; its output is ``−d``.
-  ``every_layer``: see ``kronjax.transform._preconditioner``.
   """
   if not (callable(loss) and hasattr(loss, "fisher_vp")):
     raise TypeError(
@@ -187,11 +185,8 @@ def adaptive_step(loss: Any, damping: Any, norm_constraint: Any,
     if not getattr(output_fn, "fills_masked", False):
       _refuse_masked(params)
     dtype, count, lam = state.damping.dtype, state.count, state.damping
-    layers = _params.optimizer_layers(updates, settings)
-    precond, factors, covered = _factors.precondition_step(
-        updates, state.factors, curvature, layers, settings,
-        count, lam, finite)
-    _params.check_covered(updates, layers, covered, settings, every_layer)
+    precond, factors, _ = _factors.precondition_step(
+        updates, state.factors, curvature, settings, count, lam, finite)
     delta = jax.tree.map(lambda p, x: -p.astype(x.dtype), precond, params)
     prev = optax.tree.cast_like(state.prev_step, params)
     model = quadratic_model(output_fn, loss, targets, params, updates,

@@ -43,11 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from kronjax import _distributed, _params
-from kronjax._params import (
-  LayerSpec,
-  layer_key,
-  map_layers,
-)
+from kronjax._params import LayerSpec, layer_key, map_layers
 from kronjax.blocks import fisher_blocks
 from kronjax.linalg import Kron, KronEigh
 from kronjax.linalg import _factors as _linalg
@@ -90,6 +86,7 @@ class Settings(NamedTuple):
   factor_dtype: Any = None  # None: the params' float dtype, at least float32
   placement: Any = None  # a kronjax.Placement over more than one device
   layers: Any = None  # {layer_key: LayerSpec} from the tape; None: guessed
+  routed: bool = False  # kfac routes params by layer: all need curvature
 
 
 def _over_stack(fn: Callable, stack: int) -> Callable:
@@ -116,9 +113,7 @@ def factor_dtype(params: Any, settings: Settings) -> jnp.dtype:
   """``factor_dtype``, or by default the params' float dtype (≥ float32)."""
   if settings.factor_dtype is not None:
     return jnp.dtype(settings.factor_dtype)
-  floats = [x.dtype for x in jax.tree.leaves(params)
-            if jnp.issubdtype(x.dtype, jnp.floating)]
-  return jnp.result_type(jnp.float32, *floats)
+  return _params.float_dtype(params)
 
 
 def init(params: Any, layers: dict[str, LayerSpec],
@@ -376,9 +371,8 @@ def precondition(grads: Any, covered: dict[str, LayerSpec],
 
 
 def precondition_step(grads: Any, factors: dict[str, LayerFactors],
-                      curvature: Any, layers: dict[str, LayerSpec],
-                      settings: Settings, count: jax.Array, damping: Any,
-                      finite: Any = True):
+                      curvature: Any, settings: Settings, count: jax.Array,
+                      damping: Any, finite: Any = True):
   """The core of both K-FAC transformations, for one update.
 
   ``finite`` false (from ``kronjax.skip_non_finite``: the step is discarded)
@@ -388,6 +382,7 @@ def precondition_step(grads: Any, factors: dict[str, LayerFactors],
     ``(preconditioned grads, new factors, covered layers)``; parameters of
     layers without a block pass through unchanged.
   """
+  layers = _params.optimizer_layers(grads, settings)
   blocks_fn, keys = checked_blocks(curvature, layers, factors,
                                    settings.layers is None)
   check_state(factors, layers, keys, settings)
@@ -395,5 +390,6 @@ def precondition_step(grads: Any, factors: dict[str, LayerFactors],
                      finite & (count % settings.factor_every == 0),
                      finite & (count % settings.inverse_every == 0))
   covered = {key: layers[key] for key in keys}
+  _params.check_covered(grads, layers, covered, settings)
   return (precondition(grads, covered, factors, damping, settings.placement),
           factors, covered)

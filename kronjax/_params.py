@@ -265,6 +265,13 @@ LAYERS_HINT = (
     "kronjax.flax.value_grad_and_tape or kronjax.nn.value_grad_and_tape")
 
 
+def float_dtype(tree: Any) -> jnp.dtype:
+  """The float dtype of ``tree``'s float leaves, at least float32."""
+  return jnp.result_type(jnp.float32, *[
+      x.dtype for x in jax.tree.leaves(tree)
+      if jnp.issubdtype(x.dtype, jnp.floating)])
+
+
 def optimizer_layers(tree: Any, settings: Any) -> dict[str, LayerSpec]:
   """The layers: those given (``layers=``), or guessed from ``tree``."""
   return find_layers(tree) if settings.layers is None else settings.layers
@@ -287,8 +294,7 @@ def check_given(params: Any, layers: dict[str, LayerSpec]) -> None:
   for path, leaf in tree_paths(params)[0]:
     found[path] = tuple(getattr(leaf, "shape", ()))
   for key, spec in layers.items():
-    names = ("kernel", "bias") if spec.kind == "dense" else ("embedding",)
-    for name, want in zip(names, (spec.kernel, spec.bias)):
+    for name, want in zip(spec.names, (spec.kernel, spec.bias)):
       have = found.get(tuple(spec.path) + (name,))
       if want is not None and have != want:
         raise ValueError(
@@ -348,14 +354,14 @@ def warn_untapped(metas: dict[Any, Any], params,
 
 
 def check_covered(updates, layers: dict[str, LayerSpec], covered,
-                   settings: Any, every_layer: bool) -> None:
-  """Raises (in :func:`kfac`) or warns about layers with no block."""
-  present = {key for key in layers
-             if layer_leaves(updates, {key: layers[key]})}
-  missing = sorted(present - set(covered))
+                  settings: Any) -> None:
+  """Raises (``settings.routed``: in :func:`kfac`) or warns about layers
+  with parameters in ``updates`` but no block in ``covered``."""
+  present = {owner(path, layers) for path, _ in tree_paths(updates)[0]}
+  missing = sorted(present - set(covered) - {None})
   if not missing:
     return
-  if every_layer:
+  if settings.routed:
     raise ValueError(
         f"curvature has no block for layers {missing}, which kfac routes to "
         "K-FAC: its learning rate would move them as plain gradient steps. "
@@ -368,5 +374,3 @@ def check_covered(updates, layers: dict[str, LayerSpec], covered,
   warnings.warn(
       f"K-FAC: curvature has no block for layers {missing}; their "
       "gradients pass through unpreconditioned.", stacklevel=2)
-
-

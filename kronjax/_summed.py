@@ -17,7 +17,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from kronjax._params import ATTEND, layer_key  # noqa: F401 (re-exported)
+from kronjax._params import float_dtype, layer_key
 
 PROBE = "__kronjax_probe__"  # the probe's name beside the layer's params
 
@@ -75,9 +75,8 @@ def _summed_bwd(res, ct):
   hi = jax.lax.Precision.HIGHEST
   stats = {"aa": jnp.matmul(rows.T, rows, precision=hi),
            "gg": jnp.matmul(g.T, g, precision=hi),
-           # Computed from the rows so that a vmap over examples sums it
-           # over the examples as it sums the products.
-           # (ones_like would be a constant there), as it sums the products.
+           # Computed from the rows (ones_like would be a constant there) so
+           # that a vmap over examples sums it, as it sums the products.
            "count": jnp.sum(rows[:, 0] * 0 + 1)}
   return ct, jnp.zeros_like(a), stats
 
@@ -87,9 +86,7 @@ summed.defvjp(_summed_fwd, _summed_bwd)
 
 def probes(metas, specs, params) -> dict[tuple, dict[str, jax.Array]]:
   """Zero probes of the layers in nested transformations, stacked as they."""
-  dtype = jnp.result_type(jnp.float32, *[
-      x.dtype for x in jax.tree.leaves(params)
-      if jnp.issubdtype(x.dtype, jnp.floating)])
+  dtype = float_dtype(params)
   probes = {}
   for path, m in metas.items():
     if m.summed:
@@ -98,5 +95,3 @@ def probes(metas, specs, params) -> dict[tuple, dict[str, jax.Array]]:
                       "gg": jnp.zeros(stack + (m.d_out,) * 2, dtype),
                       "count": jnp.zeros(stack, dtype)}
   return probes
-
-

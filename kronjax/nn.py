@@ -269,7 +269,8 @@ def value_grad_and_tape(
   check_fisher_mode(fisher, samples)
   wanted = wanted_layers(layers)
 
-  def fn(params, x, y, rng=None, *, with_tape=True, **kwargs):
+  def run_on(x, kwargs):
+    """The tapped forward pass ``run(params, perturbations, probes)``."""
 
     def run(p, perturbations, probes):
       rec = Recorder(perturbations, wanted, probes)
@@ -278,19 +279,16 @@ def value_grad_and_tape(
       rec.check_layers("the tapped layers it called", "kronjax.nn")
       return out, rec.inputs, rec.metas
 
-    return value_grad_and_tape_from_run(run, loss, fisher, samples, params, y,
-                                        rng, with_tape=with_tape,
+    return run
+
+  def fn(params, x, y, rng=None, *, with_tape=True, **kwargs):
+    return value_grad_and_tape_from_run(run_on(x, kwargs), loss, fisher,
+                                        samples, params, y, rng,
+                                        with_tape=with_tape,
                                         warn=wanted is None)
 
   def layers(params, x, **kwargs):
-
-    def run(p, perturbations, probes):
-      rec = Recorder(perturbations, wanted, probes)
-      with _tapping(rec, p):
-        out = apply_fn(p, x, **kwargs)
-      return out, rec.inputs, rec.metas
-
-    return layer_specs(discover(run, params)[1], params)
+    return layer_specs(discover(run_on(x, kwargs), params)[1], params)
 
   fn.layers = layers
   return fn

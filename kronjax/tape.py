@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kronjax import _summed
-from kronjax._params import layer_key, layer_specs, warn_untapped
-from kronjax._summed import ATTEND, SummedTape, TiedTape
+from kronjax._params import ATTEND, layer_key, layer_specs, warn_untapped
+from kronjax._summed import SummedTape, TiedTape
 
 LayerPath = tuple[str | int, ...]  # module names; list indices are ints
 FISHER_MODES = ("mc", "empirical", "exact")

@@ -117,7 +117,7 @@ def skip_non_finite(
 
 
 def _settings(decay, factor_every, inverse_every, exact_damping, factor_dtype,
-              placement, layers) -> _factors.Settings:
+              placement, layers, routed=False) -> _factors.Settings:
   for name, period in (("factor_every", factor_every),
                        ("inverse_every", inverse_every)):
     # An int, or (under optax.inject_hyperparams) an integer array.
@@ -126,16 +126,15 @@ def _settings(decay, factor_every, inverse_every, exact_damping, factor_dtype,
   return _factors.Settings(
       decay, factor_every, inverse_every, bool(exact_damping),
       None if factor_dtype is None else jnp.dtype(factor_dtype),
-      _distributed.resolve(placement), _params.given_layers(layers))
+      _distributed.resolve(placement), _params.given_layers(layers), routed)
 
 
 def _value(x: ScalarOrSchedule, count: jax.Array) -> Any:
   return x(count) if callable(x) else x
 
 
-def _preconditioner(settings, damping, norm_constraint, learning_rate,
-                    every_layer: bool = False):
-  """:func:`scale_by_kfac` unguarded; ``every_layer``: see check_covered."""
+def _preconditioner(settings, damping, norm_constraint, learning_rate):
+  """:func:`scale_by_kfac` without its non-finite guard."""
 
   def init_fn(params):
     return KfacState(count=jnp.zeros([], jnp.int32),
@@ -155,11 +154,9 @@ def _preconditioner(settings, damping, norm_constraint, learning_rate,
       raise ValueError("scale_by_kfac needs this batch's Fisher blocks: "
                        f"{_params.CURVATURE_HINT}.")
     count = state.count
-    layers = _params.optimizer_layers(updates, settings)
     precond, factors, covered = _factors.precondition_step(
-        updates, state.factors, curvature, layers, settings,
-        count, _value(damping, count), finite)
-    _params.check_covered(updates, layers, covered, settings, every_layer)
+        updates, state.factors, curvature, settings, count,
+        _value(damping, count), finite)
     if norm_constraint is not None:
       dtype = _factors.factor_dtype(updates, settings)
       lr = jnp.asarray(_value(learning_rate, count), dtype)
@@ -384,16 +381,15 @@ def kfac(
         "output_fn= and targets= passed to each update)"
         + (", not both." if loss is not None else "."))
   settings = _settings(decay, factor_every, inverse_every, False, factor_dtype,
-                       placement, layers)
+                       placement, layers, routed=True)
   if loss is None:
     group = optax.chain(
-        _preconditioner(settings, damping, norm_constraint, learning_rate,
-                        every_layer=True),
+        _preconditioner(settings, damping, norm_constraint, learning_rate),
         optax.scale_by_learning_rate(learning_rate))
   else:
     group = optax.chain(_adaptive.adaptive_step(
-        loss, damping, norm_constraint, _adaptive.INTERVAL, settings,
-        every_layer=True), optax.scale(-1.0))
+        loss, damping, norm_constraint, _adaptive.INTERVAL, settings),
+                        optax.scale(-1.0))
   labels = functools.partial(param_labels, layers=settings.layers)
   inner = optax.partition({"kfac": group, "fallback": fallback}, labels)
   return skip_non_finite(inner if loss is None

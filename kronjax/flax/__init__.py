@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kronjax._params import layer_specs
-from kronjax._summed import ATTEND, PROBE
+from kronjax._params import ATTEND, layer_specs
+from kronjax._summed import PROBE
 from kronjax.flax import _nnx
 from kronjax.tape import (LayerPath, Recorder, Tape, check_fisher_mode,
                           conv_patches, discover,
