@@ -25,9 +25,11 @@ optimizer sees the same batch sequence for a given seed.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import platform
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -145,6 +147,21 @@ def batch_indices(n: int, steps: int, seed: int, batch_size: int) -> np.ndarray:
       if len(out) == steps:
         break
   return np.stack(out)
+
+
+def environment(modules: Sequence[str]) -> dict:
+  """The run's machine and the versions of ``modules`` (``None``: missing)."""
+  versions = {}
+  for mod in modules:
+    try:
+      versions[mod] = __import__(mod).__version__
+    except Exception:  # pylint: disable=broad-except
+      versions[mod] = None
+  return dict(versions=versions, python=platform.python_version(),
+              load_average=os.getloadavg(), machine=platform.machine(),
+              cpus=os.cpu_count(), backend=jax.default_backend(),
+              devices=[str(d) for d in jax.devices()],
+              openblas_num_threads=os.environ.get("OPENBLAS_NUM_THREADS"))
 
 
 def kronjax_source() -> dict:

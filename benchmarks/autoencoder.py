@@ -61,7 +61,6 @@ import inspect
 import math
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -369,18 +368,8 @@ def _fmt_lr(hp):
 
 
 def environment() -> dict:
-  versions = {}
-  for mod in ("jax", "jaxlib", "flax", "optax", "chex", "numpy", "kfac_jax",
-              "kronjax", "sklearn"):
-    try:
-      versions[mod] = __import__(mod).__version__
-    except Exception:  # pylint: disable=broad-except
-      versions[mod] = None
-  return dict(versions=versions, python=platform.python_version(),
-              load_average=os.getloadavg(),
-              machine=platform.machine(), cpus=os.cpu_count(),
-              backend=jax.default_backend(),
-              devices=[str(d) for d in jax.devices()])
+  return ae.environment(("jax", "jaxlib", "flax", "optax", "chex", "numpy",
+                         "kfac_jax", "kronjax", "sklearn"))
 
 
 def write_markdown(path: pathlib.Path, res: dict) -> None:

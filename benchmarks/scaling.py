@@ -63,7 +63,6 @@ import argparse
 import dataclasses
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -329,15 +328,8 @@ def measure_point(row: dict, args, with_kfac_jax: bool) -> dict:
 
 
 def environment() -> dict:
-  versions = {}
-  for mod in ("jax", "jaxlib", "flax", "optax", "numpy", "kfac_jax", "kronjax"):
-    try:
-      versions[mod] = __import__(mod).__version__
-    except Exception:  # pylint: disable=broad-except
-      versions[mod] = None
-  return dict(versions=versions, python=platform.python_version(),
-              load_average=os.getloadavg(), machine=platform.machine(),
-              cpus=os.cpu_count(), backend=jax.default_backend())
+  return ae.environment(("jax", "jaxlib", "flax", "optax", "numpy", "kfac_jax",
+                         "kronjax"))
 
 
 def _f(v, fmt="{:.2f}"):

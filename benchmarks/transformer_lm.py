@@ -85,7 +85,6 @@ import hashlib
 import json
 import math
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -578,16 +577,7 @@ def plot(path: pathlib.Path, res: dict) -> bool:
 
 
 def environment() -> dict:
-  versions = {}
-  for mod in ("jax", "jaxlib", "flax", "optax", "numpy", "kronjax"):
-    try:
-      versions[mod] = __import__(mod).__version__
-    except Exception:  # pylint: disable=broad-except
-      versions[mod] = None
-  return dict(versions=versions, python=platform.python_version(),
-              load_average=os.getloadavg(), machine=platform.machine(),
-              cpus=os.cpu_count(), backend=jax.default_backend(),
-              openblas_num_threads=os.environ.get("OPENBLAS_NUM_THREADS"))
+  return ae.environment(("jax", "jaxlib", "flax", "optax", "numpy", "kronjax"))
 
 
 def main(argv=None):
