@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from kronjax import _distributed, _params
-from kronjax._params import LayerSpec, layer_key, map_layers
+from kronjax._params import LayerSpec, compute_dtype, layer_key, map_layers
 from kronjax.blocks import fisher_blocks
 from kronjax.linalg import Kron, KronEigh
 from kronjax.linalg import _factors as _linalg
@@ -87,12 +87,6 @@ class Settings(NamedTuple):
   placement: Any = None  # a kronjax.Placement over more than one device
   layers: Any = None  # {layer_key: LayerSpec} from the tape; None: guessed
   routed: bool = False  # kfac routes params by layer: all need curvature
-
-
-def _over_stack(fn: Callable, stack: int) -> Callable:
-  for _ in range(stack):  # fn mapped over `stack` leading axes of its args
-    fn = jax.vmap(fn)
-  return fn
 
 
 DAMPING = 1e-3  # the default damping λ (the adaptive step's initial one)
@@ -197,6 +191,11 @@ def checked_blocks(curvature: Any, layers: dict[str, LayerSpec],
   keys = {}  # state key -> the key of its block in compute()'s dict
   for given, block in (jax.eval_shape(compute) if any(tapes)
                        else curvature).items():
+    if not isinstance(block, (Kron, LayerTape, SummedTape, TiedTape)):
+      raise ValueError(
+          f"curvature[{given!r}] is a {type(block).__name__}, not a Fisher "
+          "block or tape: pass this batch's tape (curvature=tape) or its "
+          "kronjax.fisher_blocks(tape), not the gradients.")
     key = layer_key(given)
     spec = layers.get(key)
     if spec is None or key not in factors:
@@ -234,27 +233,27 @@ def update(f: LayerFactors, a: jax.Array, g: jax.Array,
   ``Ā_k = β Ā_{k-1} + (1 - β) A`` and ``w_k = β w_{k-1} + (1 - β) = 1 - β^k``:
   ``Ā_k / w_k`` is the bias-corrected average, exact from the first step.
   """
-  decay = jnp.asarray(decay, f.weight.dtype)
+  decay = jnp.asarray(decay, compute_dtype(f.weight.dtype))
+  step = lambda old, new: (decay * old + (1 - decay) * new).astype(old.dtype)
 
   def ema(side: Factor, new: jax.Array) -> Factor:
     # Stored averages may be zero-padded (a split layout): pad the block.
-    new = jnp.pad(new.astype(side.ema.dtype),
+    new = jnp.pad(new.astype(decay.dtype),
                   [(0, s - d) for d, s in zip(new.shape, side.ema.shape)])
-    return side._replace(ema=decay * side.ema + (1 - decay) * new)
+    return side._replace(ema=step(side.ema, new))
 
-  return LayerFactors(ema(f.a, a), ema(f.g, g),
-                      decay * f.weight + (1 - decay))
+  return LayerFactors(ema(f.a, a), ema(f.g, g), step(f.weight, 1))
 
 
 def _average(f: LayerFactors, side: str) -> jax.Array:
-  """A factor's bias-corrected average (leading stack axes kept)."""
-  weight = jnp.where(f.weight > 0, f.weight, jnp.ones_like(f.weight))
-  ema = getattr(f, side).ema
+  """A factor's bias-corrected average (stack axes kept), ≥ float32."""
+  ema = getattr(f, side).ema.astype(compute_dtype(f.weight.dtype))
+  weight = jnp.where(f.weight > 0, f.weight, 1).astype(ema.dtype)
   return ema / weight.reshape(weight.shape + (1,) * (ema.ndim - weight.ndim))
 
 
 def _diagonal(f: LayerFactors, side: str) -> jax.Array:
-  ema = getattr(f, side).ema
+  ema = getattr(f, side).ema.astype(compute_dtype(f.weight.dtype))
   return ema if ema.ndim == f.weight.ndim + 1 else jnp.diagonal(
       ema, axis1=-2, axis2=-1)
 
@@ -271,18 +270,20 @@ def refresh_side(f: LayerFactors, side: str, damping: Any) -> Factor:
 
   ``damping`` is used only by the π-split, whose inverses include it until
   the next refresh. Reads only the averages and ``weight``; a stack of
-  layers is refreshed in one batched call.
+  layers is refreshed in one batched call, in :func:`compute_dtype`.
   """
   factor, mean = getattr(f, side), _average(f, side)
+  store = lambda x: x.astype(factor.ema.dtype)  # LAPACK has no float16
   if isinstance(factor, EighFactor):
     if mean.ndim == f.weight.ndim + 1:  # diagonal: its own eigenvalues
-      return factor._replace(eigvals=jnp.maximum(mean, 0))
+      return factor._replace(eigvals=store(jnp.maximum(mean, 0)))
     vals, vecs = jnp.linalg.eigh((mean + jnp.swapaxes(mean, -1, -2)) / 2)
-    return factor._replace(eigvals=jnp.maximum(vals, 0), eigvecs=vecs)
+    return factor._replace(eigvals=store(jnp.maximum(vals, 0)),
+                           eigvecs=store(vecs))
   root = jnp.sqrt(jnp.asarray(damping, mean.dtype))
   pi = pi_correction(f)
-  return factor._replace(inverse=_linalg.damped_inverse(
-      mean, pi * root if side == "a" else root / pi))
+  return factor._replace(inverse=store(_linalg.damped_inverse(
+      mean, pi * root if side == "a" else root / pi)))
 
 
 def refresh(f: LayerFactors, damping: Any, stack: int = 0) -> LayerFactors:
@@ -306,9 +307,10 @@ def solve(f: LayerFactors, grad: jax.Array, damping: Any) -> jax.Array:
   """``(A ⊗ G + λI)⁻¹ vec(Γ)`` (or the π-split) for ``Γ`` shaped like A × G.
 
   ``grad`` has the stored factors' (possibly padded) sizes; the result is in
-  the factors' dtype.
+  their :func:`compute_dtype`.
   """
-  v = grad.astype(f.weight.dtype).reshape(-1)
+  dtype = compute_dtype(f.weight.dtype)
+  f, v = jax.tree.map(lambda x: x.astype(dtype), (f, grad.reshape(-1)))
   if isinstance(f.a, EighFactor):
     decomposition = KronEigh((f.a.eigvals, f.g.eigvals),
                              Kron(f.a.eigvecs, f.g.eigvecs))
@@ -361,7 +363,10 @@ def precondition(grads: Any, covered: dict[str, LayerSpec],
     rows = f.a.ema.shape[-1] if spec.kind != "embed" else gamma.shape[-2]
     padded = jnp.pad(gamma, [(0, 0)] * spec.stack + [
         (0, rows - gamma.shape[-2]), (0, f.g.ema.shape[-1] - gamma.shape[-1])])
-    x = _over_stack(lambda f, v: solve(f, v, damping), spec.stack)(f, padded)
+    solve_fn = lambda f, v: solve(f, v, damping)
+    for _ in range(spec.stack):  # one solve per layer of a stack
+      solve_fn = jax.vmap(solve_fn)
+    x = solve_fn(f, padded)
     if placement is not None:  # updates must not inherit a split
       x = _distributed.replicate(x, placement)
     return spec.from_matrix(x[..., :gamma.shape[-2], :gamma.shape[-1]],

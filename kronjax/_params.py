@@ -272,6 +272,12 @@ def float_dtype(tree: Any) -> jnp.dtype:
       if jnp.issubdtype(x.dtype, jnp.floating)])
 
 
+def compute_dtype(dtype: Any) -> jnp.dtype:
+  """The dtype of the maths on factors stored in ``dtype``: at least float32
+  (LAPACK has no half-precision decompositions)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def optimizer_layers(tree: Any, settings: Any) -> dict[str, LayerSpec]:
   """The layers: those given (``layers=``), or guessed from ``tree``."""
   return find_layers(tree) if settings.layers is None else settings.layers
