@@ -39,10 +39,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kronjax import _distributed, _factors, _params
+from kronjax import _batch, _distributed, _factors, _params, losses
 
 DAMPING_BOUNDS = (1e-5, 1e3)  # (min, max) of the adapted λ
 INTERVAL = 5  # the default T of Levenberg–Marquardt
+REJECT = 1e-4  # a step is rejected if this batch's loss rises by more (relative)
+BOOST = 10.0
+MOMENTUM_MAX = 0.99  # μ is kept in [0, MOMENTUM_MAX]  # λ's factor after a rejected step
 
 
 class AdaptiveKfacState(NamedTuple):
@@ -85,10 +88,13 @@ def quadratic_model(output_fn: Callable[[Any], jax.Array], loss: Any,
 
 
 def solve(model: QuadraticModel, damping: jax.Array) -> jax.Array:
-  """``(α, μ)`` minimising ``q_λ``; ``μ = 0`` when ``δ = 0`` or degenerate.
+  """``(α, μ)`` minimising ``q_λ``, kept sane: ``α > 0``, ``0 ≤ μ < 1``.
 
-  On the first step ``δ = 0`` and the 2×2 system is singular; then (and
-  whenever ``δ`` is numerically parallel to ``Δ``) only ``α`` is solved for.
+  On the first step ``δ = 0`` and the 2×2 system is singular; then, whenever
+  ``δ`` is numerically parallel to ``Δ``, only ``α`` is solved for. Else
+  ``μ`` is clipped to ``[0, MOMENTUM_MAX]`` and ``α`` re-solved for it: the
+  model's minimiser over that strip (a noisy ``δ`` can make the 2-D model
+  ask for μ = −68); a step with ``α ≤ 0`` is none.
   """
   c = model.fisher + damping * model.gram
   b = model.grad
@@ -101,8 +107,14 @@ def solve(model: QuadraticModel, damping: jax.Array) -> jax.Array:
   safe_det = jnp.where(well_posed, det, 1)
   both = -jnp.stack([c[1, 1] * b[0] - c[0, 1] * b[1],
                      c[0, 0] * b[1] - c[1, 0] * b[0]]) / safe_det
-  return jnp.where(well_posed, both,
-                   jnp.stack([alpha_only, jnp.zeros_like(alpha_only)]))
+  # The minimiser over μ in [0, MOMENTUM_MAX]: min over α is a convex
+  # quadratic in μ, so μ clipped, α re-solved for it.
+  mu = jnp.clip(both[1], 0, MOMENTUM_MAX)
+  alpha = -(b[0] + c[0, 1] * mu) / jnp.where(positive, c[0, 0], 1)
+  sane = well_posed & positive & (alpha > 0)
+  return jnp.where(sane, jnp.stack([alpha, mu]),
+                   jnp.stack([jnp.maximum(alpha_only, 0),
+                              jnp.zeros_like(alpha_only)]))
 
 
 def predicted_change(model: QuadraticModel, w: jax.Array) -> jax.Array:
@@ -140,10 +152,7 @@ def adaptive_step(loss: Any, damping: Any, norm_constraint: Any,
 
   See ``kronjax.scale_by_adaptive_kfac``; its output is ``−d``.
   """
-  if not (callable(loss) and hasattr(loss, "fisher_vp")):
-    raise TypeError(
-        f"loss must be a kronjax.losses negative log-likelihood (e.g. "
-        f"kronjax.losses.softmax_cross_entropy); got {loss!r}.")
+  losses.check(loss)
   if callable(damping):
     raise ValueError(
         "The adaptive step adapts the damping itself: pass its initial value "
@@ -157,7 +166,7 @@ def adaptive_step(loss: Any, damping: Any, norm_constraint: Any,
   def init_fn(params):
     factors = _factors.init(params, _params.optimizer_layers(params, settings),
                             settings)
-    dtype = _factors.factor_dtype(params, settings)
+    dtype = _factors.compute_dtype(_factors.factor_dtype(params, settings))
     prev = jax.tree.map(lambda p: jnp.zeros(
         p.shape, jnp.promote_types(p.dtype, dtype)), params)
     return AdaptiveKfacState(
@@ -168,6 +177,8 @@ def adaptive_step(loss: Any, damping: Any, norm_constraint: Any,
   def update_fn(updates, state, params=None, *, curvature=None,
                 output_fn=None, targets=None, finite=True, **extra_args):
     del extra_args
+    output_fn, targets = _batch.model_and_targets(curvature, output_fn,
+                                                  targets)
     if not isinstance(state, AdaptiveKfacState):
       raise ValueError(
           f"scale_by_adaptive_kfac was given a {type(state).__name__}, the "
@@ -177,13 +188,15 @@ def adaptive_step(loss: Any, damping: Any, norm_constraint: Any,
                        f"blocks: {_params.CURVATURE_HINT}.")
     if output_fn is None or targets is None or params is None:
       raise ValueError(
-          "The adaptive K-FAC step needs params, output_fn= (params -> the "
-          "model's outputs on this batch) and targets= (the batch's "
-          "targets): tx.update(grads, opt_state, params, curvature=..., "
-          "output_fn=..., targets=...). For a fixed step size use "
+          "The adaptive K-FAC step needs params and the batch's model: pass "
+          "the tape function's tape (or its fisher_blocks), which carries "
+          "them, as curvature=, or give output_fn= (params -> the model's "
+          "outputs on this batch) and targets=: tx.update(grads, opt_state, "
+          "params, curvature=tape). For a fixed step size use "
           "kronjax.kfac(learning_rate=...) instead.")
     if not getattr(output_fn, "fills_masked", False):
       _refuse_masked(params)
+    output_fn = _explained(output_fn)
     dtype, count, lam = state.damping.dtype, state.count, state.damping
     precond, factors, _ = _factors.precondition_step(
         updates, state.factors, curvature, settings, count, lam, finite)
@@ -198,17 +211,22 @@ def adaptive_step(loss: Any, damping: Any, norm_constraint: Any,
                         + w[1] * b.astype(d.dtype), delta, prev,
                         state.prev_step)
 
-    def adapt(lam):
-      moved = jax.tree.map(lambda p, d: p + d.astype(p.dtype), params, step)
-      change = loss(output_fn(moved), targets).astype(dtype) - model.loss
-      predicted = predicted_change(model, w)
-      rho = change / jnp.where(predicted != 0, predicted, 1)
-      # No predicted change (a zero step): nothing to judge λ by.
-      return jnp.where(predicted != 0, levenberg_marquardt(
-          lam, rho, interval, DAMPING_BOUNDS), lam)
-
-    due = finite & (interval > 0) & (count % jnp.maximum(interval, 1) == 0)
-    lam = jax.lax.cond(due, adapt, lambda lam: lam, lam)
+    moved = jax.tree.map(lambda p, d: p + d.astype(p.dtype), params, step)
+    change = loss(output_fn(moved), targets).astype(dtype) - model.loss
+    predicted = predicted_change(model, w)
+    rho = change / jnp.where(predicted != 0, predicted, 1)
+    # No predicted change (a zero step): nothing to judge λ by.
+    due = ((interval > 0) & (count % jnp.maximum(interval, 1) == 0)
+           & (predicted != 0))
+    adapted = jnp.where(due, levenberg_marquardt(lam, rho, interval,
+                                                 DAMPING_BOUNDS), lam)
+    # A step that raises this batch's loss (or makes it non-finite) is
+    # rejected at once: no move, no momentum, λ raised.
+    reject = finite & ~(change <= REJECT * jnp.abs(model.loss))
+    lam = jnp.where(reject, jnp.minimum(lam * BOOST, DAMPING_BOUNDS[1]),
+                    adapted)
+    step = jax.tree.map(lambda d: jnp.where(reject, 0, d), step)
+    w = jnp.where(reject, 0, w)
     count = optax.safe_int32_increment(count)
     out = jax.tree.map(lambda d, g: -d.astype(g.dtype), step, updates)
     if settings.placement is not None:  # neither may inherit a factor split
@@ -218,6 +236,25 @@ def adaptive_step(loss: Any, damping: Any, norm_constraint: Any,
         factors=factors, damping=lam, prev_step=step, coefficients=w)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _explained(output_fn: Callable) -> Callable:
+  """``output_fn``, whose Flax trace-context errors say what to do."""
+
+  def call(params):
+    try:
+      return output_fn(params)
+    except Exception as e:
+      if type(e).__name__ != "TraceContextError":
+        raise
+      raise ValueError(
+          "output_fn mutates a variable of the model from another trace (NNX "
+          "BatchNorm statistics, Dropout RNG counts): the adaptive step calls "
+          "it inside jax.linearize. Drop output_fn= and targets= and pass the "
+          "tape function's tape as curvature= (it carries the batch's model), "
+          "or merge a copy: nnx.merge(graphdef, p, rest, copy=True)(x).") from e
+
+  return call
 
 
 def _refuse_masked(params: Any) -> None:
@@ -243,6 +280,8 @@ def with_full_params(inner: optax.GradientTransformation
   masked = lambda x: isinstance(x, optax.MaskedNode)
 
   def update_fn(updates, state, params=None, *, output_fn=None, **extra_args):
+    output_fn, _ = _batch.model_and_targets(extra_args.get("curvature"),
+                                            output_fn, None)
     if output_fn is not None and params is not None:
       _refuse_masked(params)
       fn: Callable[[Any], Any] = output_fn

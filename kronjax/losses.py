@@ -30,15 +30,6 @@ parameter of an exponential family, so the Fisher of the outputs equals the
 Hessian of the loss and the Fisher of the parameters equals the generalised
 Gauss-Newton matrix (Martens 2020, §9). ``Λ`` is block-diagonal over terms.
 
-Examples:
-  >>> import jax, jax.numpy as jnp
-  >>> from kronjax import losses
-  >>> logits, labels = jnp.zeros((2, 3)), jnp.array([0, 2])
-  >>> round(float(losses.softmax_cross_entropy(logits, labels)), 4)  # log 3
-  1.0986
-  >>> losses.softmax_cross_entropy.fisher_sqrt(logits, labels).shape
-  (3, 2, 3)
-
 References:
   Martens & Grosse 2015, Optimizing neural networks with Kronecker-factored
   approximate curvature. Martens 2020, New insights and perspectives on the
@@ -50,13 +41,14 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-from typing import ClassVar, final
+from typing import Any, ClassVar, final
 
 import jax
 import jax.numpy as jnp
 import optax
 
 __all__ = [
+    "check",
     "NegativeLogLikelihood",
     "SigmoidBinaryCrossEntropy",
     "SoftmaxCrossEntropy",
@@ -81,12 +73,20 @@ class NegativeLogLikelihood(abc.ABC):
   # are shaped like the outputs.
   _labels: ClassVar[bool] = False
 
-  def __call__(self, outputs: jax.Array, targets: jax.Array) -> jax.Array:
+  def __call__(self, outputs: jax.Array, targets: Any = None) -> Any:
     """Mean NLL over the unmasked terms, in the outputs' dtype (0: none).
 
     ``outputs`` are ``(N, *extra, C)`` (natural parameters), ``targets``
     ``(N, *extra)`` integer labels or ``(N, *extra, C)`` targets.
+
+    On a step count alone it is a constant schedule of itself, for
+    ``optax.inject_hyperparams`` (which takes callables for schedules).
     """
+    if targets is None:
+      if jnp.ndim(outputs) == 0 and jnp.issubdtype(jnp.result_type(outputs),
+                                                   jnp.integer):
+        return self
+      raise TypeError(f"{self.name} takes (outputs, targets); got no targets.")
     per_term = self.per_term(outputs, targets)
     total = jnp.sum(per_term) / self.num_terms(targets)
     return total.astype(per_term.dtype)
@@ -131,23 +131,18 @@ class NegativeLogLikelihood(abc.ABC):
     ``num_samples`` is a static positive int.
     """
     outputs = self._check_outputs(outputs)
-    if (not isinstance(num_samples, int) or isinstance(num_samples, bool)
-        or num_samples < 1):
-      raise ValueError(
-          f"num_samples must be a positive int, got {num_samples!r}.")
+    if type(num_samples) is not int or num_samples < 1:
+      raise ValueError(f"num_samples must be a positive int: {num_samples!r}.")
     return self._sample(rng, outputs, num_samples)
 
   def fisher_sqrt(self, outputs: jax.Array, targets: jax.Array) -> jax.Array:
     """Columns ``b_k`` with ``Σ_k b_k b_kᵀ = Λ``, the output Fisher.
 
-    Per position, ``S`` is a ``C × C`` matrix whose rows ``s_k`` satisfy
-    ``Σ_k s_k s_kᵀ = Λ_i``. Column ``(t, k)`` of the result holds ``s_k`` of
-    position ``t`` of every example at once and is zero at every other
-    position, so positions of one example never mix: per example,
-    ``Σ_k b_k[n] b_k[n]ᵀ`` is block-diagonal with blocks ``Λ_{n,t}``. Without
-    extra dims (``T = 1``) this is ``K = C`` columns. Examples may share a
-    column because K-FAC only forms per-example outer products. ``targets``
-    give the mask only.
+    Per position, rows ``s_k`` of a ``C × C`` matrix with ``Σ_k s_k s_kᵀ =
+    Λ_i``. Column ``(t, k)`` holds ``s_k`` of position ``t`` of every example
+    (examples may share a column: K-FAC forms per-example products only) and
+    is zero elsewhere, so per example ``Σ_k b_k[n] b_k[n]ᵀ`` is block-diagonal
+    with blocks ``Λ_{n,t}``. ``targets`` give the mask only.
 
     Returns:
       ``(T·C, N, *extra, C)`` with ``T = prod(extra)``; zero at masked terms.
@@ -214,25 +209,19 @@ class NegativeLogLikelihood(abc.ABC):
 
   def _check_outputs(self, outputs: jax.Array) -> jax.Array:
     outputs = jnp.asarray(outputs)
-    if outputs.ndim < 2:
+    if outputs.ndim < 2 or not jnp.issubdtype(outputs.dtype, jnp.floating):
       raise ValueError(
-          f"{self.name}: outputs must be shaped (N, ..., C) with at least 2 "
-          f"dims; got shape {outputs.shape}.")
-    if not jnp.issubdtype(outputs.dtype, jnp.floating):
-      raise ValueError(
-          f"{self.name}: outputs must be floating point; got {outputs.dtype}.")
+          f"{self.name}: outputs must be floats shaped (N, ..., C); got "
+          f"{outputs.dtype} of shape {outputs.shape}.")
     return outputs
 
   def _check_targets(self, targets: jax.Array) -> jax.Array:
     targets = jnp.asarray(targets)
     if self._labels:
-      if not jnp.issubdtype(targets.dtype, jnp.integer):
+      if not jnp.issubdtype(targets.dtype, jnp.integer) or targets.ndim < 1:
         raise ValueError(
             f"{self.name}: targets must be integer class labels shaped "
             f"(N, ...); got dtype {targets.dtype} with shape {targets.shape}.")
-      if targets.ndim < 1:
-        raise ValueError(f"{self.name}: targets must be labels shaped "
-                         "(N, ...); got a scalar.")
     elif targets.ndim < 2:
       raise ValueError(
           f"{self.name}: targets must be shaped (N, ..., C) like the outputs; "
@@ -253,6 +242,18 @@ class NegativeLogLikelihood(abc.ABC):
     if not self._labels:
       targets = targets.astype(outputs.dtype)
     return outputs, targets
+
+
+def check(loss: Any, argument: str = "loss") -> None:
+  """Raises a ``TypeError`` unless ``loss`` is a kronjax negative log-likelihood."""
+  if not isinstance(loss, NegativeLogLikelihood):
+    raise TypeError(
+        f"{argument} must be a kronjax.losses negative log-likelihood "
+        "(kronjax.losses.softmax_cross_entropy, sigmoid_binary_cross_entropy "
+        "or squared_error), which also knows its Fisher; got "
+        f"{getattr(loss, '__name__', None) or type(loss).__name__}. An optax "
+        "loss such as softmax_cross_entropy_with_integer_labels is "
+        "kronjax.losses.softmax_cross_entropy.")
 
 
 def _register(cls):

@@ -49,6 +49,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 
+from kronjax import losses
 from kronjax._params import layer_specs, tree_paths
 from kronjax.tape import (LayerPath, Recorder, Tape, check_fisher_mode,
                           conv_patches, discover,
@@ -267,6 +268,7 @@ def value_grad_and_tape(
     backward pass, as in ``kronjax.flax.value_grad_and_tape``.
   """
   check_fisher_mode(fisher, samples)
+  losses.check(loss)
   wanted = wanted_layers(layers)
 
   def run_on(x, kwargs):

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kronjax import _summed
+from kronjax._batch import Curvature
 from kronjax._params import ATTEND, layer_key, layer_specs, warn_untapped
 from kronjax._summed import SummedTape, TiedTape
 
@@ -279,7 +280,8 @@ def value_grad_and_tape_from_run(
   the optimizer ignores (``kronjax.curvature_due``).
 
   Returns:
-    ``(loss_value, grads, tape)``, plus the run's state if ``return_state``.
+    ``(loss_value, grads, tape)`` (+ the run's state if ``return_state``);
+    ``tape``, a ``kronjax.Curvature``, carries the batch's model and loss.
   """
   out_shape, metas = discover(run, params)
   if warn:
@@ -358,14 +360,12 @@ def value_grad_and_tape_from_run(
       tape[path] = _layer_tape(m, inputs[path], fisher_grads[path], n, mask)
   for path in [p for p in tape if p and p[-1] == ATTEND]:
     tape[path[:-1]] = TiedTape(tape.pop(path[:-1], None), tape.pop(path))
-  if return_state:
-    return loss_value, grads, tape, state
-  return loss_value, grads, tape
+  tape = Curvature(tape, lambda p: run(p, None, None)[0], y, loss_value)
+  return (loss_value, grads, tape) + ((state,) if return_state else ())
 
 
 def _check_labels(y, out_shape, ignore_index) -> None:
-  """Integer labels outside [0, C) (concrete ones only: traced values can't be
-  inspected) would silently give wrong gradients and Fisher blocks."""
+  """Refuses concrete integer labels outside [0, C) (wrong grads and blocks)."""
   if (isinstance(y, jax.core.Tracer) or not hasattr(y, "dtype")
       or not jnp.issubdtype(y.dtype, jnp.integer)
       or jnp.ndim(y) != len(out_shape) - 1):

@@ -36,6 +36,7 @@ __all__ = ["AdaptiveKfacState", "KfacState", "SkipNonFiniteState",
            "skip_non_finite"]
 
 _D = _factors.Settings()  # the defaults both factories share
+NORM_CONSTRAINT = 1e-2  # the fixed step's default bound on η²<P, g>
 
 
 class KfacState(NamedTuple):
@@ -101,7 +102,12 @@ def skip_non_finite(
   def init_fn(params):
     return SkipNonFiniteState(jnp.zeros([], jnp.int32), inner.init(params))
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates, state, params=None, *args, **extra_args):
+    if args:
+      raise TypeError(
+          f"update got {len(args) + 3} positional arguments; pass this "
+          "batch's curvature as a keyword: tx.update(grads, opt_state, params, "
+          "curvature=tape).")
     given = _all_finite((updates, extra_args.get("curvature"),
                          extra_args.get("value")))
     new_updates, new_inner = inner.update(updates, state.inner_state, params,
@@ -158,8 +164,9 @@ def _preconditioner(settings, damping, norm_constraint, learning_rate):
         updates, state.factors, curvature, settings, count,
         _value(damping, count), finite)
     if norm_constraint is not None:
-      dtype = _factors.factor_dtype(updates, settings)
-      lr = jnp.asarray(_value(learning_rate, count), dtype)
+      dtype = _factors.compute_dtype(_factors.factor_dtype(updates, settings))
+      lr = jnp.asarray(1.0 if learning_rate is None
+                       else _value(learning_rate, count), dtype)
       sq = optax.tree.vdot(
           optax.tree.cast(layer_leaves(precond, covered), dtype),
           optax.tree.cast(layer_leaves(updates, covered), dtype))
@@ -181,7 +188,7 @@ def scale_by_kfac(
     factor_every: int = _D.factor_every,
     inverse_every: int = _D.inverse_every,
     exact_damping: bool = _D.exact_damping,
-    norm_constraint: float | None = None,
+    norm_constraint: float | None = NORM_CONSTRAINT,
     learning_rate: ScalarOrSchedule | None = None,
     factor_dtype: Any = _D.factor_dtype,
     placement: _distributed.Placement | None = _D.placement,
@@ -220,8 +227,8 @@ def scale_by_kfac(
   Examples:
     >>> import jax.numpy as jnp, optax, kronjax
     >>> params = {"Dense_0": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}}
-    >>> tx = optax.chain(scale_by_kfac(1e-2, exact_damping=True),
-    ...                  optax.sgd(0.1))
+    >>> tx = optax.chain(scale_by_kfac(1e-2, exact_damping=True,
+    ...                                norm_constraint=None), optax.sgd(0.1))
     >>> state = tx.init(params)
     >>> blocks = {("Dense_0",): kronjax.linalg.Kron(jnp.eye(3), jnp.eye(3))}
     >>> updates, state = tx.update(params, state, params, curvature=blocks)
@@ -257,10 +264,6 @@ def scale_by_kfac(
     ``{layer_path: LayerTape}``), takes ``finite`` (from an outer
     :func:`skip_non_finite`) and ignores other keyword arguments.
   """
-  if norm_constraint is not None and learning_rate is None:
-    raise ValueError(
-        "norm_constraint bounds learning_rate² · <P, g>: pass the "
-        "learning_rate that follows in the chain (or use kronjax.kfac).")
   settings = _settings(decay, factor_every, inverse_every, exact_damping,
                        factor_dtype, placement, layers)
   return skip_non_finite(_preconditioner(settings, damping, norm_constraint,
@@ -383,8 +386,9 @@ def kfac(
   settings = _settings(decay, factor_every, inverse_every, False, factor_dtype,
                        placement, layers, routed=True)
   if loss is None:
+    bound = NORM_CONSTRAINT if norm_constraint is None else norm_constraint
     group = optax.chain(
-        _preconditioner(settings, damping, norm_constraint, learning_rate),
+        _preconditioner(settings, damping, bound, learning_rate),
         optax.scale_by_learning_rate(learning_rate))
   else:
     group = optax.chain(_adaptive.adaptive_step(

@@ -19,7 +19,13 @@ import optax
 
 from kronjax import losses
 from kronjax.linalg import Kron
-from kronjax.transform import AdaptiveKfacState, KfacState, kfac
+from kronjax import transform
+from kronjax.transform import AdaptiveKfacState, KfacState
+
+# Exactness tests compare steps with dense solves: without the default trust
+# region (tests/test_guards.py tests that).
+kfac = functools.partial(transform.kfac, norm_constraint=float("inf"))
+scale_by_kfac = functools.partial(transform.scale_by_kfac, norm_constraint=None)
 
 CE = losses.softmax_cross_entropy
 

@@ -376,7 +376,7 @@ _F = np.zeros((4, 3))
 _KEY = jax.random.key(0)
 _BAD_INPUTS = {
     "outputs_1d": (lambda: SOFTMAX(np.zeros(4), np.zeros(4, int)),
-                   r"outputs.*at least 2 dims.*\(4,\)"),
+                   r"outputs must be floats shaped \(N, ..., C\).*\(4,\)"),
     "labels_nt_vs_nc": (lambda: SOFTMAX(_F, np.zeros((4, 2), int)),
                         r"\(4, 2\).*\(4, 3\).*labels of shape \(4,\)"),
     "labels_batch": (lambda: SOFTMAX(_F, np.zeros(5, int)),

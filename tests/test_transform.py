@@ -8,9 +8,10 @@ import numpy as np
 import optax
 import pytest
 
-from _transform_helpers import CE, dense_solve, kfac_state, random_spd
+from _transform_helpers import (CE, dense_solve, kfac, kfac_state, random_spd,
+                                scale_by_kfac)
 from kronjax.linalg import Kron
-from kronjax.transform import KfacState, kfac, scale_by_kfac
+from kronjax.transform import KfacState
 
 F64 = dict(factor_dtype=jnp.float64)
 
@@ -223,8 +224,6 @@ def test_constructor_errors():
     kfac(loss=lambda outputs, targets: 0.0)
   with pytest.raises(ValueError, match="initial value as damping="):
     kfac(loss=CE, damping=lambda count: 0.1)
-  with pytest.raises(ValueError, match="learning_rate"):
-    scale_by_kfac(norm_constraint=1e-3)
   with pytest.raises(ValueError, match="inverse_every"):
     scale_by_kfac(inverse_every=0)
 

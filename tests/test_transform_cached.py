@@ -15,7 +15,7 @@ import kronjax
 import kronjax.flax
 from _transform_helpers import dense_solve, kfac_state, random_spd
 from kronjax.linalg import Kron
-from kronjax.transform import scale_by_kfac
+from _transform_helpers import scale_by_kfac
 
 F64 = dict(factor_dtype=jnp.float64)
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kronjax import losses
 from kronjax._params import ATTEND, layer_specs
 from kronjax._summed import PROBE
 from kronjax.flax import _nnx
@@ -313,6 +314,7 @@ def value_grad_and_tape(
     blocks = kronjax.fisher_blocks(tape)
   """
   check_fisher_mode(fisher, samples)
+  losses.check(loss)
   wanted = wanted_layers(layers)
   if isinstance(model, nnx.Module):
     if method is not None:
