@@ -40,7 +40,6 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from kronjax._batch import Curvature
 from kronjax.linalg import Kron
 from kronjax.tape import LayerPath, LayerTape, SummedTape, Tape, TiedTape
 
@@ -60,16 +59,15 @@ def fisher_blocks(
       shared layer) enter the factors (Eschenhagen et al. 2023).
 
   Returns:
-    ``{layer_path: Kron(A, G)}`` (a ``kronjax.Curvature`` that keeps the
-    batch's model, targets and loss if ``tape`` is one) with ``A`` of shape ``(d_in [+1],) * 2`` (a
+    ``{layer_path: Kron(A, G)}`` (a plain dict: the batch the tape carries
+    stays with the tape, so blocks of different batches can be averaged) with ``A`` of shape ``(d_in [+1],) * 2`` (a
     vector, the diagonal, for embeddings) and ``G`` of shape ``(d_out, d_out)``.
   """
   if weight_sharing not in ("expand", "reduce"):
     raise ValueError(
         f'weight_sharing={weight_sharing!r}; use "expand" or "reduce".')
-  blocks = {path: layer_block(t, weight_sharing, path)
-            for path, t in tape.items()}
-  return tape.replace_layers(blocks) if isinstance(tape, Curvature) else blocks
+  return {path: layer_block(t, weight_sharing, path)
+          for path, t in tape.items()}
 
 
 def layer_block(

@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 
 from kronjax import losses
+from kronjax._batch import Build
 from kronjax._params import layer_specs, tree_paths
 from kronjax.tape import (LayerPath, Recorder, Tape, check_fisher_mode,
                           conv_patches, discover,
@@ -238,6 +239,20 @@ def _tapping(rec: Recorder, params) -> Iterator[None]:
     _ACTIVE.reset(token)
 
 
+def _run_on(apply_fn, wanted, inputs):
+  """The tapped forward pass ``run(params, perturbations, probes)``."""
+  x, kwargs = inputs
+
+  def run(p, perturbations, probes):
+    rec = Recorder(perturbations, wanted, probes)
+    with _tapping(rec, p):
+      out = apply_fn(p, x, **kwargs)
+    rec.check_layers("the tapped layers it called", "kronjax.nn")
+    return out, rec.inputs, rec.metas
+
+  return run
+
+
 def value_grad_and_tape(
     apply_fn: Callable[..., jax.Array],
     loss,
@@ -271,23 +286,15 @@ def value_grad_and_tape(
   losses.check(loss)
   wanted = wanted_layers(layers)
 
-  def run_on(x, kwargs):
-    """The tapped forward pass ``run(params, perturbations, probes)``."""
-
-    def run(p, perturbations, probes):
-      rec = Recorder(perturbations, wanted, probes)
-      with _tapping(rec, p):
-        out = apply_fn(p, x, **kwargs)
-      rec.check_layers("the tapped layers it called", "kronjax.nn")
-      return out, rec.inputs, rec.metas
-
-    return run
+  build = Build(_run_on, apply_fn, wanted)  # static: the batch is in inputs
+  run_on = lambda x, kwargs: build((x, kwargs))
 
   def fn(params, x, y, rng=None, *, with_tape=True, **kwargs):
     return value_grad_and_tape_from_run(run_on(x, kwargs), loss, fisher,
                                         samples, params, y, rng,
                                         with_tape=with_tape,
-                                        warn=wanted is None)
+                                        warn=wanted is None,
+                                        model=(build, (x, kwargs)))
 
   def layers(params, x, **kwargs):
     return layer_specs(discover(run_on(x, kwargs), params)[1], params)

@@ -270,7 +270,7 @@ def discover(run: Run, params) -> tuple[Any, dict[LayerPath, LayerMeta]]:
 def value_grad_and_tape_from_run(
     run: Run, loss, fisher: str, samples: int, params, y, rng,
     return_state: bool = False, with_tape: bool | jax.Array = True,
-    warn: bool = False) -> tuple:
+    warn: bool = False, model: Any = None) -> tuple:
   """Loss, gradients and tapes from one forward pass and two backward passes.
 
   The forward pass is linearised once (``jax.vjp``); the loss gradient and the
@@ -281,7 +281,7 @@ def value_grad_and_tape_from_run(
 
   Returns:
     ``(loss_value, grads, tape)`` (+ the run's state if ``return_state``);
-    ``tape``, a ``kronjax.Curvature``, carries the batch's model and loss.
+    ``tape``, a ``kronjax.Curvature``, carries ``model = (build, inputs)``.
   """
   out_shape, metas = discover(run, params)
   if warn:
@@ -360,7 +360,7 @@ def value_grad_and_tape_from_run(
       tape[path] = _layer_tape(m, inputs[path], fisher_grads[path], n, mask)
   for path in [p for p in tape if p and p[-1] == ATTEND]:
     tape[path[:-1]] = TiedTape(tape.pop(path[:-1], None), tape.pop(path))
-  tape = Curvature(tape, lambda p: run(p, None, None)[0], y, loss_value)
+  tape = Curvature(tape, model, y, loss_value)
   return (loss_value, grads, tape) + ((state,) if return_state else ())
 
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 from optax import GradientTransformationExtraArgs, ScalarOrSchedule
 
-from kronjax import _adaptive, _distributed, _factors, _params
+from kronjax import _adaptive, _batch, _distributed, _factors, _params
 from kronjax._adaptive import AdaptiveKfacState
 from kronjax._params import LayerSpec, layer_leaves, map_layers, param_labels
 
@@ -104,11 +104,10 @@ def skip_non_finite(
 
   def update_fn(updates, state, params=None, *args, **extra_args):
     if args:
-      raise TypeError(
-          f"update got {len(args) + 3} positional arguments; pass this "
-          "batch's curvature as a keyword: tx.update(grads, opt_state, params, "
-          "curvature=tape).")
-    given = _all_finite((updates, extra_args.get("curvature"),
+      raise TypeError("Pass this batch's curvature as a keyword: "
+                      "tx.update(grads, opt_state, params, curvature=tape).")
+    curvature = extra_args.get("curvature")
+    given = _all_finite((updates, curvature, _batch.loss_value(curvature),
                          extra_args.get("value")))
     new_updates, new_inner = inner.update(updates, state.inner_state, params,
                                           finite=given, **extra_args)

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from kronjax import losses
+from kronjax._batch import Build
 from kronjax._params import ATTEND, layer_specs
 from kronjax._summed import PROBE
 from kronjax.flax import _nnx
@@ -203,6 +204,15 @@ def _linen_run(model: nn.Module, x, layers: dict[str, Any] | None,
   return run
 
 
+def _linen_build(model, wanted, method, inputs):
+  return _linen_run(model, inputs[0], wanted, method=method, **inputs[1])
+
+
+def _nnx_build(wanted, inputs):
+  graphdef, rest, x, call_kwargs = inputs
+  return _nnx_run(graphdef, rest, x, wanted, **call_kwargs)
+
+
 def _with_leaf(tree, path: tuple, leaf):
   """A copy of nested dicts ``tree`` with ``leaf`` at ``path``."""
   if not path:
@@ -322,6 +332,7 @@ def value_grad_and_tape(
           "method= is for linen models; for an NNX model call the method in "
           "a small nnx.Module wrapper, or pass keyword arguments to fn.")
 
+    nnx_build = Build(_nnx_build, wanted)  # the batch, the state: inputs
     def nnx_fn(module, x, y, rng=None, *, with_tape=True, **call_kwargs):
       if not isinstance(module, nnx.Module):
         raise TypeError(
@@ -330,10 +341,11 @@ def value_grad_and_tape(
             f"{type(module).__name__}.")
       _check_batch(x, y)
       graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-      run = _nnx_run(graphdef, rest, x, wanted, **call_kwargs)
+      inputs = (graphdef, rest, x, call_kwargs)
       value, grads, tape, new_rest = value_grad_and_tape_from_run(
-          run, loss, fisher, samples, params, y, rng, return_state=True,
-          with_tape=with_tape, warn=wanted is None)
+          nnx_build(inputs), loss, fisher, samples, params, y, rng,
+          return_state=True, with_tape=with_tape, warn=wanted is None,
+          model=(nnx_build, inputs))
       nnx.update(module, new_rest)  # as nnx.value_and_grad: statistics move
       return value, grads, tape
 
@@ -350,12 +362,15 @@ def value_grad_and_tape(
         f"nnx.Module; got {type(model).__name__}. For a plain apply(params, x) "
         "function, use kronjax.nn.value_grad_and_tape with kronjax.nn layers.")
 
+  build = Build(_linen_build, model, wanted, method)  # the batch: inputs
+
   def fn(params, x, y, rng=None, *, with_tape=True, **apply_kwargs):
     _check_batch(x, y)
-    run = _linen_run(model, x, wanted, method=method, **apply_kwargs)
-    return value_grad_and_tape_from_run(run, loss, fisher, samples, params, y,
-                                        rng, with_tape=with_tape,
-                                        warn=wanted is None)
+    inputs = (x, apply_kwargs)
+    return value_grad_and_tape_from_run(build(inputs), loss, fisher, samples,
+                                        params, y, rng, with_tape=with_tape,
+                                        warn=wanted is None,
+                                        model=(build, inputs))
 
   def layers(params, x, **apply_kwargs):
     run = _linen_run(model, x, wanted, method=method, **apply_kwargs)
