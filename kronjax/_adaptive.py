@@ -45,7 +45,8 @@ DAMPING_BOUNDS = (1e-5, 1e3)  # (min, max) of the adapted λ
 INTERVAL = 5  # the default T of Levenberg–Marquardt
 REJECT = 1e-4  # a step is rejected if this batch's loss rises by more (relative)
 BOOST = 10.0
-MOMENTUM_MAX = 0.99  # μ is kept in [0, MOMENTUM_MAX]  # λ's factor after a rejected step
+MOMENTUM_MAX = 0.99  # μ is kept in [0, MOMENTUM_MAX]
+INITIAL = 0.1  # the default first λ, relative to the curvature's scale  # λ's factor after a rejected step
 
 
 class AdaptiveKfacState(NamedTuple):
@@ -134,6 +135,14 @@ def norm_constraint_scale(fisher_norm_sq: jax.Array,
   return jnp.where(s > c, jnp.sqrt(c / jnp.where(s > c, s, 1)), 1)
 
 
+def initial_damping(factors: dict, dtype: Any) -> jax.Array:
+  """``INITIAL · mean_l (tr Ā_l / d_A)(tr Ḡ_l / d_G)``: the first λ, relative
+  to the curvature's scale (``_factors.DAMPING`` if that is zero)."""
+  scale = jnp.mean(jnp.stack([jnp.mean(_factors.scale(f)).astype(dtype)
+                              for f in factors.values()]))
+  return jnp.where(scale > 0, INITIAL * scale, _factors.DAMPING).astype(dtype)
+
+
 def levenberg_marquardt(damping: jax.Array, rho: jax.Array, interval: Any,
                         bounds: tuple[Any, Any]) -> jax.Array:
   """Damping after a step with reduction ratio ``ρ`` (NaN counts as bad)."""
@@ -171,7 +180,8 @@ def adaptive_step(loss: Any, damping: Any, norm_constraint: Any,
         p.shape, jnp.promote_types(p.dtype, dtype)), params)
     return AdaptiveKfacState(
         count=jnp.zeros([], jnp.int32), curvature_due=jnp.asarray(True),
-        factors=factors, damping=jnp.asarray(damping, dtype), prev_step=prev,
+        factors=factors, prev_step=prev,
+        damping=jnp.asarray(jnp.nan if damping is None else damping, dtype),
         coefficients=jnp.zeros((2,), dtype))
 
   def update_fn(updates, state, params=None, *, curvature=None,
@@ -198,8 +208,10 @@ def adaptive_step(loss: Any, damping: Any, norm_constraint: Any,
       _refuse_masked(params)
     output_fn = _explained(output_fn)
     dtype, count, lam = state.damping.dtype, state.count, state.damping
-    precond, factors, _ = _factors.precondition_step(
-        updates, state.factors, curvature, settings, count, lam, finite)
+    precond, factors, _, lam = _factors.precondition_step(
+        updates, state.factors, curvature, settings, count,
+        lambda fs: jnp.where(jnp.isnan(lam), initial_damping(fs, dtype), lam),
+        finite)
     delta = jax.tree.map(lambda p, x: -p.astype(x.dtype), precond, params)
     prev = optax.tree.cast_like(state.prev_step, params)
     model = quadratic_model(output_fn, loss, targets, params, updates,

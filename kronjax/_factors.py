@@ -26,9 +26,8 @@ a factorisation and its application):
                               {\\operatorname{tr} G / d_G}}.
 
 ``Γ`` is the gradient of the layer's matrix ``W̄`` (kernel rows, then the bias
-row). ``A ⊗ G`` is never formed. With a :class:`kronjax.Placement`, refreshes
-and storage go through ``kronjax._distributed``; without one nothing here
-touches it.
+row); ``A ⊗ G`` is never formed. ``λ`` is a number, or :class:`Relative` to
+each layer's scale. A :class:`kronjax.Placement` goes to ``_distributed``.
 
 References:
   Martens & Grosse 2015, Optimizing neural networks with Kronecker-factored
@@ -43,11 +42,10 @@ import jax
 import jax.numpy as jnp
 
 from kronjax import _distributed, _params
-from kronjax._params import LayerSpec, compute_dtype, layer_key, map_layers
-from kronjax.blocks import fisher_blocks
+from kronjax.blocks import checked as checked_blocks
+from kronjax._params import LayerSpec, compute_dtype, map_layers
 from kronjax.linalg import Kron, KronEigh
 from kronjax.linalg import _factors as _linalg
-from kronjax.tape import LayerTape, SummedTape, TiedTape
 
 
 class EighFactor(NamedTuple):
@@ -89,7 +87,14 @@ class Settings(NamedTuple):
   routed: bool = False  # kfac routes params by layer: all need curvature
 
 
-DAMPING = 1e-3  # the default damping λ (the adaptive step's initial one)
+DAMPING = 1e-3  # λ where a relative damping has no scale (zero factors)
+
+
+class Relative(NamedTuple):
+  """``λ_l = value · (tr Ā_l / d_A)(tr Ḡ_l / d_G)``: damping relative to each
+  layer's curvature (mean eigenvalues of its averaged factors)."""
+
+  value: Any
 
 
 def _init_factor(d: int, diagonal: bool, dtype: Any, exact: bool,
@@ -165,67 +170,6 @@ def check_state(factors: dict[str, LayerFactors], layers, keys,
           "state with tx.init(params).")
 
 
-def checked_blocks(curvature: Any, layers: dict[str, LayerSpec],
-                   factors: dict[str, LayerFactors], guessed: bool = True):
-  """A function computing ``{key: (A, G)}``, and its keys; checked at trace.
-
-  ``curvature`` holds blocks, or tapes whose blocks are computed only when the
-  factors are updated (inside that ``lax.cond``: ``factor_every > 1`` then
-  skips the factors' einsums too).
-  """
-  if not isinstance(curvature, dict):
-    raise ValueError(f"curvature must be a dict {{layer_path: Kron(A, G)}}; "
-                     f"got {type(curvature).__name__}: {_params.CURVATURE_HINT}.")
-  if not curvature:
-    raise ValueError(
-        "curvature is empty: the tape function tapped no layer of the model "
-        "(or no block was given), so K-FAC has nothing to precondition with. "
-        "Train such a model with a first-order optimizer.")
-  tapes = [isinstance(v, (LayerTape, SummedTape, TiedTape))
-           for v in curvature.values()]
-  if any(tapes) and not all(tapes):
-    raise ValueError("curvature must hold only Kron blocks or only "
-                     "LayerTapes, not both.")
-  compute = ((lambda: fisher_blocks(curvature)) if any(tapes)
-             else (lambda: curvature))
-  keys = {}  # state key -> the key of its block in compute()'s dict
-  for given, block in (jax.eval_shape(compute) if any(tapes)
-                       else curvature).items():
-    if not isinstance(block, (Kron, LayerTape, SummedTape, TiedTape)):
-      raise ValueError(
-          f"curvature[{given!r}] is a {type(block).__name__}, not a Fisher "
-          "block or tape: pass this batch's tape (curvature=tape) or its "
-          "kronjax.fisher_blocks(tape), not the gradients.")
-    key = layer_key(given)
-    spec = layers.get(key)
-    if spec is None or key not in factors:
-      raise ValueError(
-          f"curvature has a block for layer {given}, which is not a layer "
-          "the optimizer knows (those of layers=, or else nodes of the "
-          "params given to init with a 'kernel' of rank >= 2 or a 2-D "
-          f"'embedding'): {[s.path for s in layers.values()]}.")
-    a, g = block.factors
-    stack = spec.stack_shape
-    want_a = stack + (spec.factor_sizes[0],) * (1 if spec.kind == "embed"
-                                                 else 2)
-    want = (want_a, stack + (spec.d_out,) * 2)
-    if (tuple(a.shape), tuple(g.shape)) != want:
-      params = (f"embedding {spec.kernel}" if spec.kind != "dense" else
-                f"kernel {spec.kernel}, bias {spec.bias}")
-      how = "guessed from the params" if guessed else "as layers= gives it"
-      raise ValueError(
-          f"The block for layer {given} has factors A {tuple(a.shape)} and G "
-          f"{tuple(g.shape)}, but the layer ({params}, {how}) needs A "
-          f"{want[0]} and G {want[1]}. {_params.LAYERS_HINT}.")
-    keys[key] = given
-
-  def blocks_fn():
-    blocks = compute()
-    return {key: blocks[given].factors for key, given in keys.items()}
-
-  return blocks_fn, list(keys)
-
-
 def update(f: LayerFactors, a: jax.Array, g: jax.Array,
            decay: Any) -> LayerFactors:
   """One step of the moving averages, tracking their accumulated weight.
@@ -265,6 +209,22 @@ def pi_correction(f: LayerFactors) -> jax.Array:
   return jnp.sqrt(jnp.where(ok, mean_a, 1) / jnp.where(ok, mean_g, 1))
 
 
+def scale(f: LayerFactors) -> jax.Array:
+  """``(tr Ā / d_A)(tr Ḡ / d_G)`` of the bias-corrected averages."""
+  weight = jnp.where(f.weight > 0, f.weight, 1).astype(
+      compute_dtype(f.weight.dtype))
+  mean_a, mean_g = (jnp.mean(_diagonal(f, s), axis=-1) for s in "ag")
+  return mean_a * mean_g / weight**2
+
+
+def layer_damping(f: LayerFactors, damping: Any) -> Any:
+  """``λ`` of one layer: ``damping``, or resolved if :class:`Relative`."""
+  if not isinstance(damping, Relative):
+    return damping
+  s = scale(f)
+  return jnp.where(s > 0, damping.value * s, DAMPING)
+
+
 def refresh_side(f: LayerFactors, side: str, damping: Any) -> Factor:
   """The cached part of one factor's solve: eigenbasis or damped inverse.
 
@@ -280,7 +240,7 @@ def refresh_side(f: LayerFactors, side: str, damping: Any) -> Factor:
     vals, vecs = jnp.linalg.eigh((mean + jnp.swapaxes(mean, -1, -2)) / 2)
     return factor._replace(eigvals=store(jnp.maximum(vals, 0)),
                            eigvecs=store(vecs))
-  root = jnp.sqrt(jnp.asarray(damping, mean.dtype))
+  root = jnp.sqrt(jnp.asarray(layer_damping(f, damping), mean.dtype))
   pi = pi_correction(f)
   return factor._replace(inverse=store(_linalg.damped_inverse(
       mean, pi * root if side == "a" else root / pi)))
@@ -314,7 +274,8 @@ def solve(f: LayerFactors, grad: jax.Array, damping: Any) -> jax.Array:
   if isinstance(f.a, EighFactor):
     decomposition = KronEigh((f.a.eigvals, f.g.eigvals),
                              Kron(f.a.eigvecs, f.g.eigvecs))
-    x = decomposition.solve(v, jnp.asarray(damping, v.dtype))
+    x = decomposition.solve(v, jnp.asarray(layer_damping(f, damping),
+                                           v.dtype))
   else:
     # The inverses are symmetric; contracting G's rows (its transpose) keeps
     # the product legal when both factors are split by rows (Explicit axes).
@@ -325,8 +286,12 @@ def solve(f: LayerFactors, grad: jax.Array, damping: Any) -> jax.Array:
 def maintain(factors: dict[str, LayerFactors], blocks_fn: Callable, keys,
              layers: dict[str, LayerSpec], settings: Settings, damping: Any,
              update_now: jax.Array,
-             refresh_now: jax.Array) -> dict[str, LayerFactors]:
-  """Moving averages and refreshes of the layers with blocks, under conds."""
+             refresh_now: jax.Array):
+  """Moving averages and refreshes of the layers with blocks, under conds.
+
+  ``damping`` may be a function of the updated factors (of the layers with
+  blocks), called before the refresh. Returns the factors and the damping.
+  """
   placement = settings.placement
   sub = {key: factors[key] for key in keys}
 
@@ -346,10 +311,12 @@ def maintain(factors: dict[str, LayerFactors], blocks_fn: Callable, keys,
     sub = _distributed.constrain(sub, placement)
   identity = lambda fs: fs
   sub = jax.lax.cond(update_now, update_all, identity, sub)
+  if callable(damping):
+    damping = damping(sub)
   sub = jax.lax.cond(refresh_now, refresh_all, identity, sub)
   if placement is not None:
     sub = _distributed.constrain(sub, placement)
-  return {**factors, **sub}
+  return {**factors, **sub}, damping
 
 
 def precondition(grads: Any, covered: dict[str, LayerSpec],
@@ -384,17 +351,18 @@ def precondition_step(grads: Any, factors: dict[str, LayerFactors],
   leaves the factors alone.
 
   Returns:
-    ``(preconditioned grads, new factors, covered layers)``; parameters of
-    layers without a block pass through unchanged.
+    ``(preconditioned grads, new factors, covered layers, damping used)``;
+    parameters of layers without a block pass through unchanged.
   """
   layers = _params.optimizer_layers(grads, settings)
   blocks_fn, keys = checked_blocks(curvature, layers, factors,
                                    settings.layers is None)
   check_state(factors, layers, keys, settings)
-  factors = maintain(factors, blocks_fn, keys, layers, settings, damping,
+  factors, damping = maintain(factors, blocks_fn, keys, layers, settings,
+                              damping,
                      finite & (count % settings.factor_every == 0),
                      finite & (count % settings.inverse_every == 0))
   covered = {key: layers[key] for key in keys}
   _params.check_covered(grads, layers, covered, settings)
   return (precondition(grads, covered, factors, damping, settings.placement),
-          factors, covered)
+          factors, covered, damping)

@@ -25,6 +25,9 @@ expand rule, since reduce would make their input factor dense. With a loss
 that masks terms (``ignore_index``), the means run over the positions that
 count (see ``LayerTape.mask``).
 
+:func:`checked` checks a ``curvature=`` argument against an optimizer's
+layers at trace time.
+
 References:
   Martens & Grosse 2015, Optimizing neural networks with Kronecker-factored
   approximate curvature. Grosse & Martens 2016, A Kronecker-factored
@@ -35,11 +38,12 @@ References:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 
+from kronjax._params import CURVATURE_HINT, LAYERS_HINT, LayerSpec, layer_key
 from kronjax.linalg import Kron
 from kronjax.tape import LayerPath, LayerTape, SummedTape, Tape, TiedTape
 
@@ -194,3 +198,64 @@ def _replicated(x: jax.Array) -> jax.sharding.NamedSharding | None:
   if getattr(mesh, "explicit_axes", ()):
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return None
+
+
+def checked(curvature: Any, layers: dict[str, LayerSpec],
+            factors: dict[str, Any], guessed: bool = True):
+  """A function computing ``{key: (A, G)}``, and its keys; checked at trace.
+
+  ``curvature`` holds blocks, or tapes whose blocks are computed only when the
+  factors are updated (inside that ``lax.cond``: ``factor_every > 1`` then
+  skips the factors' einsums too).
+  """
+  if not isinstance(curvature, dict):
+    raise ValueError(f"curvature must be a dict {{layer_path: Kron(A, G)}}; "
+                     f"got {type(curvature).__name__}: {CURVATURE_HINT}.")
+  if not curvature:
+    raise ValueError(
+        "curvature is empty: the tape function tapped no layer of the model "
+        "(or no block was given), so K-FAC has nothing to precondition with. "
+        "Train such a model with a first-order optimizer.")
+  tapes = [isinstance(v, (LayerTape, SummedTape, TiedTape))
+           for v in curvature.values()]
+  if any(tapes) and not all(tapes):
+    raise ValueError("curvature must hold only Kron blocks or only "
+                     "LayerTapes, not both.")
+  compute = ((lambda: fisher_blocks(curvature)) if any(tapes)
+             else (lambda: curvature))
+  keys = {}  # state key -> the key of its block in compute()'s dict
+  for given, block in (jax.eval_shape(compute) if any(tapes)
+                       else curvature).items():
+    if not isinstance(block, (Kron, LayerTape, SummedTape, TiedTape)):
+      raise ValueError(
+          f"curvature[{given!r}] is a {type(block).__name__}, not a Fisher "
+          "block or tape: pass this batch's tape (curvature=tape) or its "
+          "kronjax.fisher_blocks(tape), not the gradients.")
+    key = layer_key(given)
+    spec = layers.get(key)
+    if spec is None or key not in factors:
+      raise ValueError(
+          f"curvature has a block for layer {given}, which is not a layer "
+          "the optimizer knows (those of layers=, or else nodes of the "
+          "params given to init with a 'kernel' of rank >= 2 or a 2-D "
+          f"'embedding'): {[s.path for s in layers.values()]}.")
+    a, g = block.factors
+    stack = spec.stack_shape
+    want_a = stack + (spec.factor_sizes[0],) * (1 if spec.kind == "embed"
+                                                 else 2)
+    want = (want_a, stack + (spec.d_out,) * 2)
+    if (tuple(a.shape), tuple(g.shape)) != want:
+      params = (f"embedding {spec.kernel}" if spec.kind != "dense" else
+                f"kernel {spec.kernel}, bias {spec.bias}")
+      how = "guessed from the params" if guessed else "as layers= gives it"
+      raise ValueError(
+          f"The block for layer {given} has factors A {tuple(a.shape)} and G "
+          f"{tuple(g.shape)}, but the layer ({params}, {how}) needs A "
+          f"{want[0]} and G {want[1]}. {LAYERS_HINT}.")
+    keys[key] = given
+
+  def blocks_fn():
+    blocks = compute()
+    return {key: blocks[given].factors for key, given in keys.items()}
+
+  return blocks_fn, list(keys)

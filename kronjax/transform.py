@@ -37,6 +37,7 @@ __all__ = ["AdaptiveKfacState", "KfacState", "SkipNonFiniteState",
 
 _D = _factors.Settings()  # the defaults both factories share
 NORM_CONSTRAINT = 1e-2  # the fixed step's default bound on η²<P, g>
+RELATIVE_DAMPING = 0.1  # default λ_l / ((tr Ā_l / d_A)(tr Ḡ_l / d_G))
 
 
 class KfacState(NamedTuple):
@@ -134,6 +135,10 @@ def _settings(decay, factor_every, inverse_every, exact_damping, factor_dtype,
       _distributed.resolve(placement), _params.given_layers(layers), routed)
 
 
+def _relative(damping: Any) -> Any:
+  return _factors.Relative(RELATIVE_DAMPING) if damping is None else damping
+
+
 def _value(x: ScalarOrSchedule, count: jax.Array) -> Any:
   return x(count) if callable(x) else x
 
@@ -159,7 +164,7 @@ def _preconditioner(settings, damping, norm_constraint, learning_rate):
       raise ValueError("scale_by_kfac needs this batch's Fisher blocks: "
                        f"{_params.CURVATURE_HINT}.")
     count = state.count
-    precond, factors, covered = _factors.precondition_step(
+    precond, factors, covered, _ = _factors.precondition_step(
         updates, state.factors, curvature, settings, count,
         _value(damping, count), finite)
     if norm_constraint is not None:
@@ -181,7 +186,7 @@ def _preconditioner(settings, damping, norm_constraint, learning_rate):
 
 
 def scale_by_kfac(
-    damping: ScalarOrSchedule = _factors.DAMPING,
+    damping: ScalarOrSchedule | None = None,
     *,
     decay: float = _D.decay,
     factor_every: int = _D.factor_every,
@@ -212,16 +217,14 @@ def scale_by_kfac(
   keep the damping of their refresh. Embeddings have a diagonal ``A``.
   Parameters without a block pass through unchanged.
 
-  ``curvature`` may hold the tapes themselves (``{path: LayerTape}``): their
-  blocks are then computed only on the steps that update the factors.
+  ``curvature`` may hold the tapes (blocks are then computed only when due).
 
   With ``norm_constraint=c`` the output is ``s·P`` with
   ``s = min(1, sqrt(c / (η²⟨P, g⟩)))``, ``η`` the learning rate that follows in
   the chain: ``η²⟨P, g⟩ ≈ ‖ηP‖²_F``, twice the step's KL divergence to second
   order (Ba et al. 2017).
 
-  A step that is not finite outputs zeros and keeps the state
-  (:func:`skip_non_finite`). Parameter dtypes are kept.
+  A non-finite step outputs zeros and keeps the state (:func:`skip_non_finite`).
 
   Examples:
     >>> import jax.numpy as jnp, optax, kronjax
@@ -235,7 +238,9 @@ def scale_by_kfac(
     -0.099
 
   Args:
-    damping: ``λ``, a float or a schedule of the step count.
+    damping: ``λ``, a float or a schedule of the step count; ``None``:
+      relative to each layer's curvature, ``λ_l = 0.1 (tr Ā_l / d_A)(tr Ḡ_l /
+      d_G)``, so that no scale of the loss makes it negligible or dominant.
     decay: moving-average decay of the factors (0: the latest block only).
     factor_every: period of the factor updates (a static int).
     inverse_every: period of the refreshes (a static int).
@@ -265,14 +270,14 @@ def scale_by_kfac(
   """
   settings = _settings(decay, factor_every, inverse_every, exact_damping,
                        factor_dtype, placement, layers)
-  return skip_non_finite(_preconditioner(settings, damping, norm_constraint,
-                                         learning_rate))
+  return skip_non_finite(_preconditioner(settings, _relative(damping),
+                                         norm_constraint, learning_rate))
 
 
 def scale_by_adaptive_kfac(
     loss: Any,
     *,
-    damping: float = _factors.DAMPING,
+    damping: float | None = None,
     decay: float = _D.decay,
     factor_every: int = _D.factor_every,
     inverse_every: int = _D.inverse_every,
@@ -297,7 +302,8 @@ def scale_by_adaptive_kfac(
 
   Args:
     loss: the model's ``kronjax.losses`` negative log-likelihood.
-    damping: the initial ``λ``.
+    damping: the initial ``λ``; ``None``: 0.1 × the mean over layers of
+      ``(tr Ā_l / d_A)(tr Ḡ_l / d_G)`` at the first step.
     decay: see :func:`scale_by_kfac`.
     factor_every: see :func:`scale_by_kfac`.
     inverse_every: see :func:`scale_by_kfac`.
@@ -326,7 +332,7 @@ def kfac(
     learning_rate: ScalarOrSchedule | None = None,
     *,
     loss: Any = None,
-    damping: ScalarOrSchedule = _factors.DAMPING,
+    damping: ScalarOrSchedule | None = None,
     decay: float = _D.decay,
     factor_every: int = _D.factor_every,
     inverse_every: int = _D.inverse_every,
@@ -348,20 +354,12 @@ def kfac(
   skipped, in every group, when anything in it is not finite
   (:func:`skip_non_finite`), so schedules count applied steps only.
 
-  Examples:
-    >>> import jax.numpy as jnp, kronjax
-    >>> tx = kronjax.kfac(learning_rate=0.1, damping=1e-2)
-    >>> params = {"Dense_0": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)},
-    ...           "LayerNorm_0": {"scale": jnp.ones(3)}}
-    >>> state = tx.init(params)
-    >>> blocks = {("Dense_0",): kronjax.linalg.Kron(jnp.eye(3), jnp.eye(3))}
-    >>> updates, state = tx.update(params, state, params, curvature=blocks)
-
   Args:
     learning_rate: step size (float or schedule) of the layers: a fixed step.
     loss: the model's ``kronjax.losses`` NLL instead: the adaptive step.
     damping: ``λ`` (fixed step: float or schedule), or the adaptive step's
-      initial ``λ``.
+      initial ``λ``; ``None``: relative to the curvature's scale (see
+      :func:`scale_by_kfac` and :func:`scale_by_adaptive_kfac`).
     decay: see :func:`scale_by_kfac`.
     factor_every: see :func:`scale_by_kfac`.
     inverse_every: see :func:`scale_by_kfac`.
@@ -387,7 +385,7 @@ def kfac(
   if loss is None:
     bound = NORM_CONSTRAINT if norm_constraint is None else norm_constraint
     group = optax.chain(
-        _preconditioner(settings, damping, bound, learning_rate),
+        _preconditioner(settings, _relative(damping), bound, learning_rate),
         optax.scale_by_learning_rate(learning_rate))
   else:
     group = optax.chain(_adaptive.adaptive_step(

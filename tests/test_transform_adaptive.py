@@ -134,14 +134,14 @@ def test_norm_constraint_fixed_step():
   sq = sum(jnp.vdot(p, g) for p, g in zip(jax.tree.leaves(precond),
                                           jax.tree.leaves(grads)))
   lr, c = 0.5, float(0.25 * 0.25 * sq * 0.1)  # active: scale sqrt(0.4)
-  tx = scale_by_kfac(norm_constraint=c, learning_rate=lr, **EXACT)
+  tx = scale_by_kfac(1e-3, norm_constraint=c, learning_rate=lr, **EXACT)
   out, state = jax.jit(tx.update)(grads, tx.init(params), curvature=blocks)
   scale = np.sqrt(c / (lr * lr * sq))
   jax.tree.map(lambda o, p: np.testing.assert_allclose(o, scale * p,
                                                        rtol=1e-10),
                out, precond)
   # Inactive for a large bound.
-  tx = scale_by_kfac(norm_constraint=1e9, learning_rate=lr, **EXACT)
+  tx = scale_by_kfac(1e-3, norm_constraint=1e9, learning_rate=lr, **EXACT)
   out, _ = jax.jit(tx.update)(grads, tx.init(params), curvature=blocks)
   jax.tree.map(lambda o, p: np.testing.assert_allclose(o, p, rtol=1e-12),
                out, precond)
