@@ -11,7 +11,7 @@ from kronjax import linalg as linalg
 from kronjax import losses as losses
 from kronjax import nn as nn
 from kronjax._distributed import Placement as Placement
-from kronjax._batch import Curvature as Curvature
+from kronjax._batch import Tape as Tape
 from kronjax._params import uncovered_parameters as uncovered_parameters
 from kronjax.blocks import fisher_blocks as fisher_blocks
 from kronjax.blocks import layer_block as layer_block
@@ -36,6 +36,7 @@ __all__ = [
     "LayerTape",
     "Placement",
     "SkipNonFiniteState",
+    "Tape",
     "curvature_due",
     "fisher_blocks",
     "flax",

@@ -44,9 +44,9 @@ from kronjax import _batch, _distributed, _factors, _params, losses
 DAMPING_BOUNDS = (1e-5, 1e3)  # (min, max) of the adapted λ
 INTERVAL = 5  # the default T of Levenberg–Marquardt
 REJECT = 1e-4  # a step is rejected if this batch's loss rises by more (relative)
-BOOST = 10.0
+BOOST = 10.0  # λ's factor after a rejected step
 MOMENTUM_MAX = 0.99  # μ is kept in [0, MOMENTUM_MAX]
-INITIAL = 0.1  # the default first λ, relative to the curvature's scale  # λ's factor after a rejected step
+INITIAL = 0.1  # the default first λ, relative to the curvature's scale
 
 
 class AdaptiveKfacState(NamedTuple):

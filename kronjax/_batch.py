@@ -1,6 +1,6 @@
 """One batch's curvature: per-layer tapes or blocks, with the batch's model.
 
-The tape functions return their tapes as a :class:`Curvature`, a ``dict``
+The tape functions return their tapes as a :class:`Tape`, a ``dict``
 ``{layer_path: tape}`` that also carries what the optimizers need to know
 about the batch: the model on it (``params -> outputs``, for the adaptive
 step's exact Fisher products and its loss at the moved params), its targets
@@ -12,7 +12,7 @@ returns plain dicts: blocks of batches of any size can be averaged.)
 The model is ``(build, inputs)``: ``build``, made once per tape function, is
 static; the batch's arrays in ``inputs`` (``x``, keyword arguments, an NNX
 model's other state) are pytree leaves with the targets and the loss. So a
-``Curvature`` crosses ``jit`` and ``jax.tree.map`` (a running mean of blocks)
+``Tape`` crosses ``jit`` and ``jax.tree.map`` (a running mean of blocks)
 like any pytree, and a jitted update never reuses another batch's inputs.
 """
 
@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 
-class Curvature(dict):
+class Tape(dict):
   """``{layer_path: LayerTape or Kron}`` of one batch, plus the batch's model.
 
   Attributes:
@@ -50,7 +50,7 @@ class Curvature(dict):
     return lambda params: build(inputs)(params, None, None)[0]
 
   def __repr__(self) -> str:
-    return f"Curvature({dict.__repr__(self)})"
+    return f"Tape({dict.__repr__(self)})"
 
 
 class Build:
@@ -88,7 +88,7 @@ def _is_array(x: Any) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
-def _flatten(c: Curvature):
+def _flatten(c: Tape):
   keys = tuple(c)
   build, inputs = c.model if c.model is not None else (None, None)
   leaves, treedef = jax.tree.flatten(inputs)
@@ -98,17 +98,17 @@ def _flatten(c: Curvature):
   return children, (keys, build, treedef, static)
 
 
-def _unflatten(aux, children) -> Curvature:
+def _unflatten(aux, children) -> Tape:
   keys, build, treedef, static = aux
   values, targets, value, arrays = children
   model = None
   if build is not None:
     leaves = [a if s is None else s for a, s in zip(arrays, static)]
     model = (build, jax.tree.unflatten(treedef, leaves))
-  return Curvature(dict(zip(keys, values)), model, targets, value)
+  return Tape(dict(zip(keys, values)), model, targets, value)
 
 
-jax.tree_util.register_pytree_node(Curvature, _flatten, _unflatten)
+jax.tree_util.register_pytree_node(Tape, _flatten, _unflatten)
 
 
 def loss_value(curvature: Any) -> Any:
@@ -118,7 +118,7 @@ def loss_value(curvature: Any) -> Any:
 
 def model_and_targets(curvature: Any, output_fn: Any, targets: Any):
   """``output_fn`` and ``targets``, from the curvature where not given."""
-  if isinstance(curvature, Curvature):
+  if isinstance(curvature, Tape):
     output_fn = curvature.model_fn if output_fn is None else output_fn
     targets = curvature.targets if targets is None else targets
   return output_fn, targets

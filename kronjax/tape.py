@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kronjax import _summed
-from kronjax._batch import Curvature
+from kronjax._batch import Tape
 from kronjax._params import ATTEND, layer_key, layer_specs, warn_untapped
 from kronjax._summed import SummedTape, TiedTape
 
@@ -74,7 +74,6 @@ class LayerTape:
   mask: jax.Array | None = None
 
 
-Tape = dict[LayerPath, LayerTape | SummedTape | TiedTape]
 
 
 
@@ -281,7 +280,7 @@ def value_grad_and_tape_from_run(
 
   Returns:
     ``(loss_value, grads, tape)`` (+ the run's state if ``return_state``);
-    ``tape``, a ``kronjax.Curvature``, carries ``model = (build, inputs)``.
+    ``tape``, a ``kronjax.Tape``, carries ``model = (build, inputs)``.
   """
   out_shape, metas = discover(run, params)
   if warn:
@@ -360,7 +359,7 @@ def value_grad_and_tape_from_run(
       tape[path] = _layer_tape(m, inputs[path], fisher_grads[path], n, mask)
   for path in [p for p in tape if p and p[-1] == ATTEND]:
     tape[path[:-1]] = TiedTape(tape.pop(path[:-1], None), tape.pop(path))
-  tape = Curvature(tape, model, y, loss_value)
+  tape = Tape(tape, model, y, loss_value)
   return (loss_value, grads, tape) + ((state,) if return_state else ())
 
 

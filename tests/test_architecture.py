@@ -109,4 +109,4 @@ def test_an_adaptive_train_step_runs_code_from_at_most_eleven_files():
     jax.make_jaxpr(train_step)(params, state, jax.random.key(1))
   finally:
     sys.setprofile(None)
-  assert len(files) <= 11, sorted(files)  # 11: the tape's Curvature (_batch.py)
+  assert len(files) <= 11, sorted(files)  # 11: the tape's batch (_batch.py)

@@ -147,7 +147,7 @@ def test_the_tape_carries_the_batch_model_for_the_adaptive_step():
   model, params, x, y, step = _linen()
   tx = kronjax.kfac(loss=CE)
   value, grads, tape = step(params, x, y, jax.random.key(0))
-  assert isinstance(tape, kronjax.Curvature) and tape.value == value
+  assert isinstance(tape, kronjax.Tape) and tape.value == value
   blocks = kronjax.fisher_blocks(tape)
   assert type(blocks) is dict  # blocks of batches of any size average
   state = tx.init(params)
