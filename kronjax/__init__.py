@@ -15,6 +15,11 @@ from kronjax._batch import Tape as Tape
 from kronjax._params import uncovered_parameters as uncovered_parameters
 from kronjax.blocks import fisher_blocks as fisher_blocks
 from kronjax.blocks import layer_block as layer_block
+from kronjax.curvature import Curvature as Curvature
+from kronjax.curvature import fit_curvature as fit_curvature
+from kronjax.influence import influence_scores as influence_scores
+from kronjax.laplace import Laplace as Laplace
+from kronjax.laplace import laplace as laplace
 from kronjax.tape import LayerTape as LayerTape
 from kronjax.transform import AdaptiveKfacState as AdaptiveKfacState
 from kronjax.transform import KfacState as KfacState
@@ -32,15 +37,20 @@ except _metadata.PackageNotFoundError:  # running from a source tree
 
 __all__ = [
     "AdaptiveKfacState",
+    "Curvature",
     "KfacState",
+    "Laplace",
     "LayerTape",
     "Placement",
     "SkipNonFiniteState",
     "Tape",
     "curvature_due",
     "fisher_blocks",
+    "fit_curvature",
     "flax",
+    "influence_scores",
     "kfac",
+    "laplace",
     "layer_block",
     "linalg",
     "losses",
