@@ -44,23 +44,24 @@ def _example_gradients(tape_fn: Callable, loss: Any, layers: dict[str, Any],
   """``({key: uses}, scale, mismatch)``: per-example gradients at the labels.
 
   ``scale`` times a use's ``Σ_t r cᵀ`` is the gradient of the example's NLL
-  (the tapes carry ``sqrt(N/M)`` for a mean over ``M`` terms). Without the
-  loss the tape must be an empirical one; ``mismatch`` then measures how far
-  the sum of its per-example gradients is from a multiple of the mean
-  gradient (0 with a loss: the empirical tape is made here).
+  (the tapes carry ``sqrt(N/M)`` for a mean over ``M`` terms). With the loss
+  (and a linen or ``kronjax.nn`` model) an empirical tape is made here from
+  the tape's model, whatever ``tape_fn``'s Fisher mode. Otherwise the tape
+  must be an empirical one: ``scale`` is then ``c/N`` with ``c`` the
+  multiple of the mean gradient that the sum of the per-example gradients
+  is, and ``mismatch`` how far from such a multiple that sum is.
   """
   n = batch_size(x)
-  if loss is not None:
-    _, _, tape = tape_fn(params, x, y, jax.random.key(0), with_tape=False)
-    if tape.model is None:
-      raise ValueError("tape_fn's tape carries no model; make tape_fn with "
-                       "kronjax.flax.value_grad_and_tape or kronjax.nn's.")
+  _, grads, tape = tape_fn(params, x, y, jax.random.key(0),
+                           with_tape=loss is None)
+  derive = (loss is not None and tape.model is not None and
+            jax.tree.structure(grads) == jax.tree.structure(params))
+  if loss is not None and not derive:  # an NNX module: take the tape as is
+    _, grads, tape = tape_fn(params, x, y, jax.random.key(0))
+  if derive:
     build, inputs = tape.model
     _, _, tape = value_grad_and_tape_from_run(
         build(inputs), loss, "empirical", 1, params, y, None, model=tape.model)
-    scale, mismatch = jnp.sqrt(loss.num_terms(y) / n), jnp.zeros(())
-  else:
-    _, grads, tape = tape_fn(params, x, y, jax.random.key(0))
   uses = {}
   for path, entry in tape.items():
     if layer_key(path) in layers:
@@ -70,23 +71,22 @@ def _example_gradients(tape_fn: Callable, loss: Any, layers: dict[str, Any],
   if missing:
     raise ValueError(f"tape_fn's tape has no layers {missing}, which the "
                      "curvature has: fit it with the same tape function.")
-  if loss is None:
-    samples = {k: u.cols.shape[0] for k, us in uses.items() for u in us}
-    if any(s != 1 for s in samples.values()):
-      raise ValueError(_NOT_EMPIRICAL.format(
-          f"its tapes hold {max(samples.values())} output gradients per "
-          "example (a Monte-Carlo or exact Fisher)"))
-    mean = layer_matrices(grads, layers, float_dtype(grads))
-    total = {k: _per_example.gradients(us, layers[k].factor_sizes[0])[0].sum(0)
-             for k, us in uses.items()}
-    dot = lambda a, b: sum(jnp.vdot(a[k], b[k]) for k in a)
-    c = dot(total, mean) / jnp.maximum(dot(mean, mean),
-                                       jnp.finfo(jnp.float32).tiny)
-    resid = {k: total[k] - c * mean[k] for k in total}
-    mismatch = jnp.sqrt(dot(resid, resid) / jnp.maximum(
-        dot(total, total), jnp.finfo(jnp.float32).tiny))
-    scale = c / n
-  return uses, scale, mismatch
+  if derive:
+    return uses, jnp.sqrt(loss.num_terms(y) / n), jnp.zeros(())
+  samples = {k: u.cols.shape[0] for k, us in uses.items() for u in us}
+  if any(s != 1 for s in samples.values()):
+    raise ValueError(_NOT_EMPIRICAL.format(
+        f"its tapes hold {max(samples.values())} output gradients per "
+        "example (a Monte-Carlo or exact Fisher)"))
+  mean = layer_matrices(grads, layers, float_dtype(grads))
+  total = {k: _per_example.gradients(us, layers[k].factor_sizes[0])[0].sum(0)
+           for k, us in uses.items()}
+  dot = lambda a, b: sum(jnp.vdot(a[k], b[k]) for k in a)
+  tiny = jnp.finfo(jnp.float32).tiny
+  c = dot(total, mean) / jnp.maximum(dot(mean, mean), tiny)
+  resid = {k: total[k] - c * mean[k] for k in total}
+  mismatch = jnp.sqrt(dot(resid, resid) / jnp.maximum(dot(total, total), tiny))
+  return uses, c / n, mismatch
 
 
 _NOT_EMPIRICAL = (
@@ -117,16 +117,18 @@ def influence_scores(curv: Curvature, tape_fn: Callable, params: Any,
 
   Args:
     curv: from :func:`kronjax.fit_curvature`.
-    tape_fn: the tape function the curvature was fitted with (linen or
-      ``kronjax.nn``); any Fisher mode when ``loss`` is known, else it must
-      have been made with ``fisher="empirical"`` (checked).
+    tape_fn: the tape function the curvature was fitted with. With ``loss``
+      (and a linen or ``kronjax.nn`` model) any Fisher mode: each example's
+      gradient at its label is taken from the tape's model. Otherwise (and
+      for NNX modules) it must have been made with ``fisher="empirical"``,
+      which is checked. A tape function with a ``with_fisher(mode)`` method
+      is switched to ``"empirical"`` by it.
     params: the parameters the curvature was fitted at.
     queries: one ``(x, y)`` batch of query examples.
     train: an iterable of ``(x, y)`` training batches, iterated once.
     damping: ``λ``, added to every eigenvalue of ``F``.
     loss: the ``kronjax.losses`` NLL ``tape_fn`` was made with (default:
-      ``tape_fn.loss`` if it has one): each example's gradient at its label
-      is then taken from the tape's model whatever its Fisher mode.
+      ``tape_fn.loss`` if it has one).
     query_block: queries scored at once (memory: ``query_block`` times a
       training batch times the layers' widths).
 
@@ -134,6 +136,8 @@ def influence_scores(curv: Curvature, tape_fn: Callable, params: Any,
     A float array, one row per query, one column per training example in
     the order of ``train``.
   """
+  if hasattr(tape_fn, "with_fisher"):  # the same tape function, empirical
+    tape_fn = tape_fn.with_fisher("empirical")
   loss = getattr(tape_fn, "loss", None) if loss is None else loss
   if loss is None and getattr(tape_fn, "fisher", "empirical") != "empirical":
     raise ValueError(_NOT_EMPIRICAL.format(

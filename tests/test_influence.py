@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import kronjax
 from kronjax import _per_example
-from test_curvature import (CE, _init, data, dense_block, per_example_grads,
+from test_curvature import (CE, data, dense_block, fitted, per_example_grads,
                             split)
 
 DAMPING = 1e-2
@@ -20,29 +21,32 @@ DAMPING = 1e-2
 
 def dense_scores(curv, model, params, queries, x, y):
   @jax.jit
-  def scores(curv, gq, gz):
+  def scores(curv, g):
     total = 0
     for key in curv.specs:
       f = dense_block(curv, key)
-      pre = jnp.linalg.solve(f + DAMPING * jnp.eye(f.shape[0]), gq[key].T)
-      total = total + pre.T @ gz[key].T
+      gq, gz = g[key][:len(queries[1])], g[key][len(queries[1]):]
+      pre = jnp.linalg.solve(f + DAMPING * jnp.eye(f.shape[0]), gq.T)
+      total = total + pre.T @ gz.T
     return total
 
-  return scores(curv, per_example_grads(model, params, *queries),
-                per_example_grads(model, params, x, y))
+  both = [jnp.concatenate([q, t]) for q, t in zip(queries, (x, y))]
+  return scores(curv, per_example_grads(model, params, *both))
 
 
-@pytest.mark.parametrize("name,ekfac", [("mlp", False), ("conv", True),
-                                        ("transformer", False)])
-def test_scores_equal_the_dense_computation(name, ekfac):
-  model, x, y = data(name, n=12)
+# The curvatures of test_curvature.py (K-FAC and EK-FAC, K-FAC's blocks
+# being exact or empirical: the scores do not care), and a tied embedding.
+CASES = {"mlp": ("exact", False, (5, 5, 2)), "conv": ("empirical", True, (6, 6)),
+         "transformer": ("exact", True, (6, 6)), "tied": ("exact", True, (6, 6))}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_scores_equal_the_dense_computation(name):
+  model, x, y, params, _, curv = fitted(name, *CASES[name])
   queries = data(name, n=5, seed=1)[1:]
-  params = _init(model, x)
-  exact = kronjax.flax.value_grad_and_tape(model, CE, fisher="exact")
-  curv = kronjax.fit_curvature(exact, params, split(x, y, [6, 6]),
-                               eigenvalue_correction=ekfac)
   want = dense_scores(curv, model, params, queries, x, y)
   # Any Fisher mode, given the loss; blocks of 2 queries (3 blocks, padded).
+  exact = kronjax.flax.value_grad_and_tape(model, CE, fisher="exact")
   got = kronjax.influence_scores(curv, exact, params, queries,
                                  split(x, y, [5, 5, 2]), damping=DAMPING,
                                  loss=CE, query_block=2)
@@ -56,15 +60,39 @@ def test_scores_equal_the_dense_computation(name, ekfac):
     np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10)
 
 
-def test_a_fisher_tape_without_the_loss_is_refused():
-  model, x, y = data("mlp", n=8)
-  params = _init(model, x)
+class NnxMlp(nnx.Module):
+  def __init__(self, rngs):
+    self.a = nnx.Linear(4, 5, rngs=rngs, param_dtype=jnp.float64)
+    self.b = nnx.Linear(5, 3, rngs=rngs, param_dtype=jnp.float64)
+
+  def __call__(self, x):
+    return self.b(jnp.tanh(self.a(x)))
+
+
+def test_nnx_takes_an_empirical_tape_and_a_fisher_tape_is_refused():
+  _, x, y = data("mlp", n=8)
+  module = NnxMlp(nnx.Rngs(0))
+  tape_fn = kronjax.flax.value_grad_and_tape(module, CE, fisher="empirical")
+  curv = kronjax.fit_curvature(tape_fn, module, [(x, y)])
+  got = kronjax.influence_scores(curv, tape_fn, module, (x[:3], y[:3]),
+                                 [(x, y)], damping=DAMPING, loss=CE)
+  params = nnx.state(module, nnx.Param)
+
+  def nll(p, xi, yi):
+    return CE(nnx.merge(nnx.graphdef(module), p)(xi[None]), yi[None])
+
+  grads = jax.vmap(jax.grad(nll), in_axes=(None, 0, 0))(params, x, y)
+  flat = {k: jnp.concatenate([grads[k]["kernel"][...],
+                              grads[k]["bias"][...][:, None]],
+                             axis=1).reshape(8, -1) for k in "ab"}
+  want = sum(flat[k][:3] @ jnp.linalg.solve(
+      dense_block(curv, k) + DAMPING * jnp.eye(flat[k].shape[1]), flat[k].T)
+             for k in "ab")
+  np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10)
   for fisher in ("mc", "exact"):
-    tape_fn = kronjax.flax.value_grad_and_tape(model, CE, fisher=fisher)
-    curv = kronjax.fit_curvature(tape_fn, params, [(x, y)],
-                                 rng=jax.random.key(0))
+    tape_fn = kronjax.flax.value_grad_and_tape(module, CE, fisher=fisher)
     with pytest.raises(ValueError, match="loss=kronjax.losses"):
-      kronjax.influence_scores(curv, tape_fn, params, (x, y), [(x, y)],
+      kronjax.influence_scores(curv, tape_fn, module, (x, y), [(x, y)],
                                damping=DAMPING)
 
 
@@ -115,6 +143,7 @@ def test_every_way_to_score_is_the_inner_product(d_a, d_g, t, q, ids):
   m = jax.random.normal(k[2], (q, d_a, d_g))
   dense = jax.nn.one_hot(rows, d_a)[None] if ids else rows
   grads = jnp.einsum("snta,sntg->nag", dense, use.cols)
-  got = _per_example.scorer([use, use], q, d_a, d_g)(m)
+  got = jax.jit(lambda u, m: _per_example.scorer([u, u], q, d_a, d_g)(m))(
+      use, m)
   np.testing.assert_allclose(got, 2 * jnp.einsum("nag,qag->qn", grads, m),
                              rtol=1e-12)
