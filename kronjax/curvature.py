@@ -253,6 +253,37 @@ def _decompose(sums: dict[str, Any], stacks: tuple[tuple[str, int], ...],
   return factors, eigenvalues
 
 
+@functools.lru_cache(maxsize=8)
+def _factors_fn(tape_fn: Callable, weight_sharing: str) -> Callable:
+  """A batch's factors times its size, jitted (kept for the next fit)."""
+  def batch_factors(p, x, y, r):
+    blocks = fisher_blocks(tape_fn(p, x, y, r)[2], weight_sharing)
+    n = batch_size(x)
+    return {layer_key(path): tuple(f * n for f in b.factors)
+            for path, b in blocks.items()}
+
+  return jax.jit(batch_factors)
+
+
+@functools.lru_cache(maxsize=8)
+def _squares_fn(tape_fn: Callable, layers: tuple) -> Callable:
+  """A batch's EK-FAC squares summed over its examples, jitted."""
+  specs = dict(layers)
+
+  def batch_squares(p, x, y, r, factors):
+    tape = tape_fn(p, x, y, r)[2]
+    out = {}
+    for path, entry in tape.items():
+      key = layer_key(path)
+      uses = _per_example.layer_uses(entry, path, "eigenvalue_correction")
+      ua, ug = factors[key].eigenvectors.factors
+      out[key] = _per_example.eigenbasis_squares(
+          uses, specs[key].factor_sizes[0], ua, ug)
+    return out
+
+  return jax.jit(batch_squares)
+
+
 def fit_curvature(tape_fn: Callable, params: Any, batches: Iterable, *,
                   rng: Any = None, eigenvalue_correction: bool = False,
                   weight_sharing: WeightSharing = "expand") -> Curvature:
@@ -287,13 +318,7 @@ def fit_curvature(tape_fn: Callable, params: Any, batches: Iterable, *,
         "an iterator: pass a list of (x, y) batches (or another iterable "
         "that can be iterated twice).")
 
-  def batch_factors(p, x, y, r):  # summed over the batch's examples
-    blocks = fisher_blocks(tape_fn(p, x, y, r)[2], weight_sharing)
-    n = batch_size(x)
-    return {layer_key(path): tuple(f * n for f in b.factors)
-            for path, b in blocks.items()}
-
-  factors_fn = jax.jit(batch_factors)
+  factors_fn = _factors_fn(tape_fn, weight_sharing)
   sums, total, specs = None, 0, None
   for i, (x, y) in enumerate(_pairs(batches)):
     n = batch_size(x)
@@ -324,18 +349,7 @@ def _corrected_eigenvalues(tape_fn, params, batches, rng, factors, specs,
         "per-example gradients. Fit K-FAC (eigenvalue_correction=False), or "
         "unroll the stack.")
 
-  def batch_squares(p, x, y, r, factors):
-    tape = tape_fn(p, x, y, r)[2]
-    out = {}
-    for path, entry in tape.items():
-      key = layer_key(path)
-      uses = _per_example.layer_uses(entry, path, "eigenvalue_correction")
-      ua, ug = factors[key].eigenvectors.factors
-      out[key] = _per_example.eigenbasis_squares(
-          uses, specs[key].factor_sizes[0], ua, ug)
-    return out
-
-  squares_fn = jax.jit(batch_squares)
+  squares_fn = _squares_fn(tape_fn, tuple(specs.items()))
   sums = None
   for i, (x, y) in enumerate(_pairs(batches)):
     s = squares_fn(params, x, y, _key(rng, 1, i), factors)

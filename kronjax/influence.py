@@ -22,6 +22,7 @@ examples, plus the queries' ``M``.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable
 
 import jax
@@ -105,6 +106,38 @@ def _check(mismatch: jax.Array) -> None:
         'fisher="mc" or "exact"'))
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled(tape_fn: Callable, loss: Any, layer_items: tuple, block: int,
+              q: int):
+  """The jitted query and training passes, kept for the next call."""
+  layers = dict(layer_items)
+
+  def precondition(p, x, y, curv, damping):
+    uses, scale, mismatch = _example_gradients(tape_fn, loss, layers, p, x, y)
+    out = {}
+    for key, us in uses.items():
+      d_a, d_g = layers[key].factor_sizes
+      e = curv.factors[key]
+      positions = sum(u.cols.shape[2] for u in us)
+      if positions * (d_a + d_g) < d_a * d_g:  # rotate the factors, not G_q
+        ua, ug = e.eigenvectors.factors
+        g = _per_example.gradients(us, d_a, ua, ug)[0]
+      else:
+        g = rotate(e, _per_example.gradients(us, d_a)[0])
+      out[key] = rotate(e, g * scale / (curv.eigenvalues[key] + damping),
+                        back=True)
+    return out, mismatch
+
+  def score(p, x, y, m):
+    uses, scale, mismatch = _example_gradients(tape_fn, loss, layers, p, x, y)
+    fns = {k: _per_example.scorer(us, block, *layers[k].factor_sizes)
+           for k, us in uses.items()}
+    s = jax.lax.map(lambda mb: sum(fns[k](mb[k]) for k in fns), m)
+    return s.reshape(-1, s.shape[-1])[:q] * scale, mismatch
+
+  return jax.jit(precondition), jax.jit(score)
+
+
 def influence_scores(curv: Curvature, tape_fn: Callable, params: Any,
                      queries: tuple[Any, Any], train: Iterable, *,
                      damping: Any, loss: Any = None,
@@ -145,37 +178,17 @@ def influence_scores(curv: Curvature, tape_fn: Callable, params: Any,
   if not isinstance(query_block, int) or query_block < 1:
     raise ValueError(f"query_block must be a positive int: {query_block!r}.")
   xq, yq = queries
-  layers = curv.specs
-
-  def precondition(p, x, y, curv, damping):
-    uses, scale, mismatch = _example_gradients(tape_fn, loss, layers, p, x, y)
-    out = {}
-    for key, us in uses.items():
-      g = _per_example.gradients(us, layers[key].factor_sizes[0])[0] * scale
-      e = curv.factors[key]
-      out[key] = rotate(e, rotate(e, g) / (curv.eigenvalues[key] + damping),
-                        back=True)
-    return out, mismatch
-
-  m, mismatch = jax.jit(precondition)(params, xq, yq, curv, damping)
-  _check(mismatch)
   q = batch_size(xq)
   block = min(query_block, q)
+  precondition, score = _compiled(tape_fn, loss, curv.layers, block, q)
+  m, mismatch = precondition(params, xq, yq, curv, damping)
+  _check(mismatch)
   blocks = -(-q // block)
   m = {k: jnp.pad(v, [(0, blocks * block - q)] + [(0, 0)] * 2).reshape(
       (blocks, block) + v.shape[1:]) for k, v in m.items()}
-
-  def score(p, x, y, m):
-    uses, scale, mismatch = _example_gradients(tape_fn, loss, layers, p, x, y)
-    fns = {k: _per_example.scorer(us, block, *layers[k].factor_sizes)
-           for k, us in uses.items()}
-    s = jax.lax.map(lambda mb: sum(fns[k](mb[k]) for k in fns), m)
-    return s.reshape(blocks * block, -1)[:q] * scale, mismatch
-
-  score_fn = jax.jit(score)
   out = []
   for x, y in train:
-    s, mismatch = score_fn(params, x, y, m)
+    s, mismatch = score(params, x, y, m)
     _check(mismatch)
     out.append(s)
   if not out:
