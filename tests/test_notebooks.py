@@ -25,10 +25,11 @@ def _images(nb) -> int:
              for output in cell.get("outputs", []))
 
 
-def test_the_four_notebooks_are_there():
+def test_the_notebooks_are_there():
   assert [p.name for p in NOTEBOOKS] == [
       "01_quickstart.ipynb", "02_nnx_and_optax_chains.ipynb",
-      "03_kronecker_algebra.ipynb", "04_curvature_quality.ipynb"]
+      "03_kronecker_algebra.ipynb", "04_curvature_quality.ipynb",
+      "05_influence_and_laplace.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
