@@ -182,7 +182,13 @@ def main():
       f"{batch} x {n_params:,} floats, and the queries' {n_params:,} x "
       f"{n_query}; kronjax holds the queries' preconditioned gradients and, "
       "per training batch, the convolutions' per-example gradients and a "
-      "query block's products with the dense layers' inputs.",
+      "query block's products with the dense layers' inputs.", "",
+      "Why not much faster: for a dense layer at one position each score "
+      "⟨M_q, a_n g_nᵀ⟩ costs d_A·d_G multiply-adds however it is ordered, "
+      "Q·N·P in all, as the dense path's matrix product; the queries' "
+      "preconditioning (a d_A² rotation per query) is shared by both. "
+      "kronjax saves the batch's (N, P) per-example gradients (memory: "
+      "what bounds the dense path on large models), not FLOPs.",
   ] + ae.environment_lines(env, total, "interleaving keeps")
   (out / "influence.md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))
