@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kronjax import _batch, _distributed, _factors, _params, losses
+from kronjax import _batch, _distributed, _factors, _params, _trees, losses
 
 DAMPING_BOUNDS = (1e-5, 1e3)  # (min, max) of the adapted λ
 INTERVAL = 5  # the default T of Levenberg–Marquardt
@@ -69,10 +69,6 @@ class QuadraticModel(NamedTuple):
   loss: jax.Array  # (): L(θ) on this batch.
 
 
-def _dot(x: Any, y: Any, dtype: Any) -> jax.Array:
-  return optax.tree.vdot(optax.tree.cast(x, dtype), optax.tree.cast(y, dtype))
-
-
 def quadratic_model(output_fn: Callable[[Any], jax.Array], loss: Any,
                     targets: Any, params: Any, grads: Any,
                     vectors: tuple[Any, Any], dtype: Any) -> QuadraticModel:
@@ -82,8 +78,9 @@ def quadratic_model(output_fn: Callable[[Any], jax.Array], loss: Any,
   fjv = jax.vmap(lambda t: loss.fisher_vp(outputs, targets, t))(jv)
   fisher = jnp.einsum("i...,j...->ij", jv.astype(dtype), fjv.astype(dtype))
   fisher = (fisher + fisher.T) / (2 * loss.num_terms(targets).astype(dtype))
-  gram = jnp.array([[_dot(u, v, dtype) for v in vectors] for u in vectors])
-  grad = jnp.stack([_dot(grads, v, dtype) for v in vectors])
+  gram = jnp.array([[_trees.vdot(u, v, dtype) for v in vectors]
+                    for u in vectors])
+  grad = jnp.stack([_trees.vdot(grads, v, dtype) for v in vectors])
   return QuadraticModel(fisher, gram, grad,
                         loss(outputs, targets).astype(dtype))
 
@@ -237,7 +234,7 @@ def adaptive_step(loss: Any, damping: Any, norm_constraint: Any,
     reject = finite & ~(change <= REJECT * jnp.abs(model.loss))
     lam = jnp.where(reject, jnp.minimum(lam * BOOST, DAMPING_BOUNDS[1]),
                     adapted)
-    step = jax.tree.map(lambda d: jnp.where(reject, 0, d), step)
+    step = _trees.select(reject, jax.tree.map(jnp.zeros_like, step), step)
     w = jnp.where(reject, 0, w)
     count = optax.safe_int32_increment(count)
     out = jax.tree.map(lambda d, g: -d.astype(g.dtype), step, updates)

@@ -25,9 +25,8 @@ a factorisation and its application):
     \\qquad π = \\sqrt{\\frac{\\operatorname{tr} A / d_A}
                               {\\operatorname{tr} G / d_G}}.
 
-``Γ`` is the gradient of the layer's matrix ``W̄`` (kernel rows, then the bias
-row); ``A ⊗ G`` is never formed. ``λ`` is a number, or :class:`Relative` to
-each layer's scale. A :class:`kronjax.Placement` goes to ``_distributed``.
+``Γ`` is the gradient of ``W̄`` (kernel rows, then the bias row); ``A ⊗ G`` is
+never formed. ``λ`` is a number, or :class:`Relative` to each layer's scale.
 
 References:
   Martens & Grosse 2015, Optimizing neural networks with Kronecker-factored
@@ -189,32 +188,37 @@ def update(f: LayerFactors, a: jax.Array, g: jax.Array,
   return LayerFactors(ema(f.a, a), ema(f.g, g), step(f.weight, 1))
 
 
-def _average(f: LayerFactors, side: str) -> jax.Array:
-  """A factor's bias-corrected average (stack axes kept), ≥ float32."""
-  ema = getattr(f, side).ema.astype(compute_dtype(f.weight.dtype))
-  weight = jnp.where(f.weight > 0, f.weight, 1).astype(ema.dtype)
-  return ema / weight.reshape(weight.shape + (1,) * (ema.ndim - weight.ndim))
+def _ema(f: LayerFactors, side: str) -> jax.Array:
+  return getattr(f, side).ema.astype(compute_dtype(f.weight.dtype))
 
 
-def _diagonal(f: LayerFactors, side: str) -> jax.Array:
-  ema = getattr(f, side).ema.astype(compute_dtype(f.weight.dtype))
-  return ema if ema.ndim == f.weight.ndim + 1 else jnp.diagonal(
-      ema, axis1=-2, axis2=-1)
+def _means(f: LayerFactors) -> tuple[jax.Array, jax.Array]:
+  """``tr / d`` of both accumulators (not bias-corrected), ≥ float32."""
+  means = []
+  for side in "ag":
+    ema, d = _ema(f, side), getattr(f, side).ema.shape[-1]
+    diagonal = ema if ema.ndim == f.weight.ndim + 1 else ema.reshape(
+        ema.shape[:-2] + (d * d,))[..., ::d + 1]  # one fusion, not a gather
+    means.append(jnp.mean(diagonal, axis=-1))
+  return means[0], means[1]
+
+
+def _weight(f: LayerFactors) -> jax.Array:
+  return jnp.where(f.weight > 0, f.weight, 1).astype(
+      compute_dtype(f.weight.dtype))
 
 
 def pi_correction(f: LayerFactors) -> jax.Array:
   """``π = sqrt((tr A / d_A) / (tr G / d_G))``; 1 when either trace is 0."""
-  mean_a, mean_g = (jnp.mean(_diagonal(f, s), axis=-1) for s in "ag")
+  mean_a, mean_g = _means(f)
   ok = (mean_a > 0) & (mean_g > 0)
   return jnp.sqrt(jnp.where(ok, mean_a, 1) / jnp.where(ok, mean_g, 1))
 
 
 def scale(f: LayerFactors) -> jax.Array:
   """``(tr Ā / d_A)(tr Ḡ / d_G)`` of the bias-corrected averages."""
-  weight = jnp.where(f.weight > 0, f.weight, 1).astype(
-      compute_dtype(f.weight.dtype))
-  mean_a, mean_g = (jnp.mean(_diagonal(f, s), axis=-1) for s in "ag")
-  return mean_a * mean_g / weight**2
+  mean_a, mean_g = _means(f)
+  return mean_a * mean_g / _weight(f)**2
 
 
 def layer_damping(f: LayerFactors, damping: Any) -> Any:
@@ -225,42 +229,68 @@ def layer_damping(f: LayerFactors, damping: Any) -> Any:
   return jnp.where(s > 0, damping.value * s, DAMPING)
 
 
+def _shift(f: LayerFactors, side: str, damping: Any) -> jax.Array:
+  """The π-split's shift of one factor: ``π√λ`` for A, ``√λ/π`` for G."""
+  root = jnp.sqrt(jnp.asarray(layer_damping(f, damping),
+                              compute_dtype(f.weight.dtype)))
+  pi = pi_correction(f)
+  return pi * root if side == "a" else root / pi
+
+
+def _stored(factor: Factor, result: Any, weight: jax.Array) -> Factor:
+  """A factor with its refreshed part, from the decomposition of its
+  accumulator (the average times ``weight``). LAPACK has no float16:
+  results come in :func:`compute_dtype`, stored in the factor's dtype."""
+  store = lambda x: x.astype(factor.ema.dtype)
+  times = lambda x: x * weight.reshape(weight.shape + (1,) * (
+      x.ndim - weight.ndim))
+  if isinstance(factor, InverseFactor):  # (M / w + sI)⁻¹ = w (M + wsI)⁻¹
+    return factor._replace(inverse=store(times(result)))
+  vals, vecs = result if isinstance(result, tuple) else (result, None)
+  return factor._replace(eigvals=store(jnp.maximum(vals, 0) / times(
+      jnp.ones_like(vals))), eigvecs=factor.eigvecs if vecs is None
+                         else store(vecs))
+
+
 def refresh_side(f: LayerFactors, side: str, damping: Any) -> Factor:
   """The cached part of one factor's solve: eigenbasis or damped inverse.
 
   ``damping`` is used only by the π-split, whose inverses include it until
-  the next refresh. Reads only the averages and ``weight``; a stack of
-  layers is refreshed in one batched call, in :func:`compute_dtype`.
+  the next refresh. Reads only the accumulators and ``weight``.
   """
-  factor, mean = getattr(f, side), _average(f, side)
-  store = lambda x: x.astype(factor.ema.dtype)  # LAPACK has no float16
+  factor, ema, weight = getattr(f, side), _ema(f, side), _weight(f)
   if isinstance(factor, EighFactor):
-    if mean.ndim == f.weight.ndim + 1:  # diagonal: its own eigenvalues
-      return factor._replace(eigvals=store(jnp.maximum(mean, 0)))
-    vals, vecs = jnp.linalg.eigh((mean + jnp.swapaxes(mean, -1, -2)) / 2)
-    return factor._replace(eigvals=store(jnp.maximum(vals, 0)),
-                           eigvecs=store(vecs))
-  root = jnp.sqrt(jnp.asarray(layer_damping(f, damping), mean.dtype))
-  pi = pi_correction(f)
-  return factor._replace(inverse=store(_linalg.damped_inverse(
-      mean, pi * root if side == "a" else root / pi)))
+    diagonal = ema.ndim == f.weight.ndim + 1  # its own eigenvalues
+    return _stored(factor, ema if diagonal else jnp.linalg.eigh(ema), weight)
+  return _stored(factor, _linalg.damped_inverse(
+      ema, _shift(f, side, damping) * weight), weight)
 
 
-def refresh(f: LayerFactors, damping: Any, stack: int = 0) -> LayerFactors:
-  """Both factors of a layer, or of a stack of ``stack`` leading axes.
-
-  A stack is refreshed in batched calls, except on CPU, where jaxlib's
-  batched LAPACK calls, several at once, can wait on each other forever
-  (jaxlib 0.10): there ``lax.map`` refreshes its layers one by one.
-  """
-  both = lambda f: f._replace(a=refresh_side(f, "a", damping),
-                              g=refresh_side(f, "g", damping))
-  if not stack or jax.default_backend() != "cpu":
-    return both(f)
-  lead = f.weight.shape
-  flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[stack:]), f)
-  return jax.tree.map(lambda x: x.reshape(lead + x.shape[1:]),
-                      jax.lax.map(both, flat))
+def refresh_all(factors: dict[str, LayerFactors],
+                damping: Any) -> dict[str, LayerFactors]:
+  """Every layer's refresh (:func:`refresh_side` of both factors), with the
+  dense factors of all layers decomposed together: one batched call per
+  size class (``kronjax.linalg._factors.damped_inverses`` / ``eighs``),
+  so a model compiles a handful of decompositions, not two per layer."""
+  new = {key: {} for key in factors}
+  dense = []
+  for key, f in factors.items():
+    for side in "ag":
+      if getattr(f, side).ema.ndim == f.weight.ndim + 1:  # diagonal
+        new[key][side] = refresh_side(f, side, damping)
+      else:
+        dense.append((key, side))
+  emas = [_ema(factors[k], s) for k, s in dense]  # weights: in _stored
+  weights = [_weight(factors[k]) for k, _ in dense]
+  if any(isinstance(factors[k].a, EighFactor) for k, _ in dense):
+    results = _linalg.eighs(emas)
+  else:
+    results = _linalg.damped_inverses(emas, [
+        _shift(factors[k], s, damping) * w
+        for (k, s), w in zip(dense, weights)])
+  for (key, side), result, w in zip(dense, results, weights):
+    new[key][side] = _stored(getattr(factors[key], side), result, w)
+  return {key: f._replace(**new[key]) for key, f in factors.items()}
 
 
 def solve(f: LayerFactors, grad: jax.Array, damping: Any) -> jax.Array:
@@ -302,18 +332,17 @@ def maintain(factors: dict[str, LayerFactors], blocks_fn: Callable, keys,
     return {k: update(f, *blocks[k], settings.decay) for k, f in fs.items()}
 
   if placement is None:
-    refresh_all = lambda fs: {k: refresh(f, damping, layers[k].stack)
-                              for k, f in fs.items()}
+    refresh_fn = lambda fs: refresh_all(fs, damping)
   else:
     sizes = {k: layers[k].factor_sizes for k in keys}
-    refresh_all = lambda fs: _distributed.refresh(
+    refresh_fn = lambda fs: _distributed.refresh(
         fs, lambda f, side: refresh_side(f, side, damping), placement, sizes)
     sub = _distributed.constrain(sub, placement)
   identity = lambda fs: fs
   sub = jax.lax.cond(update_now, update_all, identity, sub)
   if callable(damping):
     damping = damping(sub)
-  sub = jax.lax.cond(refresh_now, refresh_all, identity, sub)
+  sub = jax.lax.cond(refresh_now, refresh_fn, identity, sub)
   if placement is not None:
     sub = _distributed.constrain(sub, placement)
   return {**factors, **sub}, damping

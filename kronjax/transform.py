@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import optax
 from optax import GradientTransformationExtraArgs, ScalarOrSchedule
 
-from kronjax import _adaptive, _batch, _distributed, _factors, _params
+from kronjax import (_adaptive, _batch, _distributed, _factors, _params,
+                     _trees)
 from kronjax._adaptive import AdaptiveKfacState
 from kronjax._params import LayerSpec, layer_leaves, map_layers, param_labels
 
@@ -78,12 +79,6 @@ def curvature_due(opt_state: Any) -> jax.Array:
   return jnp.any(jnp.stack(flags))
 
 
-def _all_finite(tree: Any) -> jax.Array:
-  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-           if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-  return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
-
-
 def skip_non_finite(
     inner: optax.GradientTransformation) -> GradientTransformationExtraArgs:
   """``inner``, with steps that are not finite skipped atomically.
@@ -108,14 +103,15 @@ def skip_non_finite(
       raise TypeError("Pass this batch's curvature as a keyword: "
                       "tx.update(grads, opt_state, params, curvature=tape).")
     curvature = extra_args.get("curvature")
-    given = _all_finite((updates, curvature, _batch.loss_value(curvature),
-                         extra_args.get("value")))
+    given = _trees.all_finite((updates, curvature,
+                               _batch.loss_value(curvature),
+                               extra_args.get("value")))
     new_updates, new_inner = inner.update(updates, state.inner_state, params,
                                           finite=given, **extra_args)
-    ok = given & _all_finite(new_updates)
-    new_inner = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_inner,
-                             state.inner_state)
-    new_updates = jax.tree.map(lambda u: jnp.where(ok, u, 0), new_updates)
+    ok = given & _trees.all_finite(new_updates)
+    new_inner = _trees.select(ok, new_inner, state.inner_state)
+    new_updates = _trees.select(ok, new_updates,
+                                jax.tree.map(jnp.zeros_like, new_updates))
     return new_updates, SkipNonFiniteState(
         state.skipped + (~ok).astype(jnp.int32), new_inner)
 
@@ -171,9 +167,8 @@ def _preconditioner(settings, damping, norm_constraint, learning_rate):
       dtype = _factors.compute_dtype(_factors.factor_dtype(updates, settings))
       lr = jnp.asarray(1.0 if learning_rate is None
                        else _value(learning_rate, count), dtype)
-      sq = optax.tree.vdot(
-          optax.tree.cast(layer_leaves(precond, covered), dtype),
-          optax.tree.cast(layer_leaves(updates, covered), dtype))
+      sq = _trees.vdot(layer_leaves(precond, covered),
+                       layer_leaves(updates, covered), dtype)
       scale = _adaptive.norm_constraint_scale(lr * lr * sq, norm_constraint)
       precond = map_layers(lambda _, leaves: {
           n: x * scale.astype(x.dtype) for n, x in leaves.items()}, precond,

@@ -407,7 +407,7 @@ def _sizes(factors):
 
 
 def _plain_refresh(factors, damping):
-  return {k: _factors.refresh(f, damping) for k, f in factors.items()}
+  return _factors.refresh_all(factors, damping)
 
 
 def check_placement():
@@ -604,9 +604,10 @@ def test_padded_factors_precondition_like_unpadded():
       factors[k] = _factors.update(f, jnp.asarray(a), jnp.asarray(g @ g.T), .5)
     # λ = 0 with exact damping: padded eigenvalues must not give 0 / 0.
     lam = 0.0 if exact else 1e-2
-    plain = {k: _factors.refresh(f, lam) for k, f in factors.items()}
+    plain = _factors.refresh_all(factors, lam)
     padded = {k: _distributed._resize_layer(  # as the split refresh does
-        _factors.refresh(f, lam), pad(sizes[k][0]), pad(sizes[k][1]))
+        _factors.refresh_all({k: f}, lam)[k], pad(sizes[k][0]),
+        pad(sizes[k][1]))
               for k, f in factors.items()}
     assert padded["D"].a.ema.shape == (8, 8)
     assert padded["E"].g.ema.shape == (8, 8)

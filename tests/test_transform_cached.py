@@ -15,6 +15,7 @@ import kronjax
 import kronjax.flax
 from _transform_helpers import dense_solve, kfac_state, random_spd
 from kronjax.linalg import Kron
+from kronjax.linalg import _factors as _linalg
 from _transform_helpers import scale_by_kfac
 
 F64 = dict(factor_dtype=jnp.float64)
@@ -204,3 +205,29 @@ def test_a_concrete_with_tape_is_decided_when_tracing():
   traced = str(jax.make_jaxpr(lambda p, f: step(
       p, x, y, jax.random.key(0), with_tape=f))(params, True))
   assert traced.count(" cond[") == 1
+
+
+@pytest.mark.parametrize("indefinite", [False, True])
+def test_factors_of_many_sizes_are_inverted_together_exactly(indefinite):
+  # Sizes that share a padded call (3 with 5, 60 with 64) and that do not
+  # (100, 130), a stack of two, and, when one is indefinite, the one
+  # fallback for all: eigenvalues clipped at 0.
+  rng = np.random.default_rng(4)
+  sizes, stacks = [3, 5, 64, 60, 100, 130], [(), (2,), (), (), (), ()]
+  ms = [np.stack([random_spd(rng, d) for _ in range(2)]) if s else
+        random_spd(rng, d) for d, s in zip(sizes, stacks)]
+  if indefinite:
+    ms[2] = ms[2] - 2.0 * np.eye(64)  # beyond any shift: Cholesky fails
+  shifts = [rng.uniform(0.1, 1, size=s) for s in stacks]
+  got = _linalg.damped_inverses([jnp.asarray(m) for m in ms],
+                                [jnp.asarray(s) for s in shifts])
+
+  def expected(m, s):
+    vals, vecs = np.linalg.eigh(m)
+    return (vecs / (np.maximum(vals, 0) + s)) @ vecs.T
+
+  for m, s, inv in zip(ms, shifts, got):
+    want = (np.stack([expected(a, b) for a, b in zip(m, s)]) if m.ndim == 3
+            else expected(m, s))
+    assert inv.shape == m.shape
+    np.testing.assert_allclose(inv, want, rtol=1e-8, atol=1e-10)

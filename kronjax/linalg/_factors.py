@@ -8,10 +8,12 @@ fit in memory.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def factor_shape(f: jax.Array) -> tuple[int, int]:
@@ -148,6 +150,24 @@ def combine(vectors: Sequence[jax.Array],
   return out
 
 
+def _cholesky_inverse(m: jax.Array, shift: jax.Array):
+  """``(M + shift·I)⁻¹`` by Cholesky, and whether the Cholesky succeeded."""
+  eye = jnp.broadcast_to(jnp.eye(m.shape[-1], dtype=m.dtype), m.shape)
+  chol = jnp.linalg.cholesky(m + shift[..., None, None] * eye)
+  root = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
+  inv = jnp.swapaxes(root, -1, -2) @ root
+  ok = jnp.all(jnp.isfinite(inv)) & (jnp.min(jnp.diagonal(
+      chol, axis1=-2, axis2=-1)) > 0)
+  return (inv + jnp.swapaxes(inv, -1, -2)) / 2, ok
+
+
+def _eigh_inverse(m: jax.Array, shift: jax.Array) -> jax.Array:
+  """``(M₊ + shift·I)⁻¹``, ``M₊`` with its eigenvalues clipped at 0."""
+  vals, vecs = jnp.linalg.eigh(m)
+  scaled = vecs / (jnp.maximum(vals, 0)[..., None, :] + shift[..., None, None])
+  return scaled @ jnp.swapaxes(vecs, -1, -2)
+
+
 def damped_inverse(m: jax.Array, shift: jax.Array) -> jax.Array:
   """``(M + shift·I)⁻¹`` of PSD ``M`` by Cholesky; ``M`` and ``shift`` may
   carry leading stack axes (one matrix per layer of a stack), and ``M`` may
@@ -159,18 +179,109 @@ def damped_inverse(m: jax.Array, shift: jax.Array) -> jax.Array:
   """
   if m.ndim == shift.ndim + 1:
     return 1 / (jnp.maximum(m, 0) + shift[..., None])
-  shift = shift[..., None, None]
-  eye = jnp.broadcast_to(jnp.eye(m.shape[-1], dtype=m.dtype), m.shape)
-  chol = jnp.linalg.cholesky(m + shift * eye)
-  root = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
-  inv = jnp.swapaxes(root, -1, -2) @ root
+  inv, ok = _cholesky_inverse(m, shift)
+  return jax.lax.cond(ok, lambda: inv, lambda: _eigh_inverse(m, shift))
 
-  def by_eigh(_):
-    vals, vecs = jnp.linalg.eigh(m)
-    scaled = vecs / (jnp.maximum(vals, 0)[..., None, :] + shift)
-    return scaled @ jnp.swapaxes(vecs, -1, -2)
 
-  ok = jnp.all(jnp.isfinite(inv)) & (jnp.min(jnp.diagonal(
-      chol, axis1=-2, axis2=-1)) > 0)
-  return jax.lax.cond(
-      ok, lambda _: (inv + jnp.swapaxes(inv, -1, -2)) / 2, by_eigh, None)
+def _groups(sizes: Sequence[int], pad: bool) -> list[list[int]]:
+  """Indices of matrices to decompose together, largest sizes first.
+
+  Without ``pad`` a group holds equal sizes; with it, a size joins the
+  group of a larger one when padding costs at most 1.5× its cubic work (or
+  the group's size is at most 96: such matrices cost little at any size).
+  """
+  order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+  groups: list[list[int]] = []
+  for i in order:
+    if groups:
+      top = sizes[groups[-1][0]]
+      if top == sizes[i] or pad and (top <= 96 or top**3 <= 1.5 * sizes[i]**3):
+        groups[-1].append(i)
+        continue
+    groups.append([i])
+  return groups
+
+
+def _batched(fn: Callable, *args: jax.Array):
+  """``fn`` over the leading axis of ``args``: one batched call, but on CPU
+  ``lax.map`` (jaxlib's batched LAPACK calls on CPU, several in one program,
+  can wait on each other forever), which also compiles ``fn`` once."""
+  if jax.default_backend() == "cpu":
+    return jax.lax.map(lambda a: fn(*a), args)
+  return fn(*args)
+
+
+def _flat(m: jax.Array, stack: tuple[int, ...]) -> jax.Array:
+  return m.reshape((-1,) + m.shape[len(stack):])
+
+
+def _split(out: jax.Array, members: list[int], shapes: list[tuple[int, ...]],
+           sizes: Sequence[int]) -> dict[int, jax.Array]:
+  """The group's stacked results, cut back to each member's stack and size."""
+  counts = [math.prod(shapes[i]) for i in members]
+  parts = jnp.split(out, np.cumsum(counts)[:-1]) if len(members) > 1 else [out]
+  result = {}
+  for i, part in zip(members, parts):
+    d = sizes[i]
+    part = part[(slice(None),) + (slice(0, d),) * (part.ndim - 1)]
+    result[i] = part.reshape(shapes[i] + part.shape[1:])
+  return result
+
+
+def damped_inverses(ms: Sequence[jax.Array],
+                    shifts: Sequence[jax.Array]) -> list[jax.Array]:
+  """``(M_i + s_i I)⁻¹`` for many PSD ``M_i`` (each ``(..., d_i, d_i)``, with
+  ``s_i`` shaped ``(...)``) by Cholesky, in few calls: matrices of similar
+  sizes are padded with an identity block (which leaves their inverses'
+  leading block exact) and inverted together.
+
+  If a Cholesky fails (``M_i`` indefinite beyond its shift, from
+  round-off), all are redone with their eigenvalues clipped at 0, in one
+  call over all matrices padded to the largest size: one eigendecomposition
+  compiles, and runs only then.
+  """
+  sizes = [m.shape[-1] for m in ms]
+  stacks = [m.shape[:-2] for m in ms]
+  groups, inputs = _groups(sizes, pad=True), []
+  for members in groups:
+    top = sizes[members[0]]
+    pad = lambda m, d: jnp.pad(m, [(0, 0)] * (m.ndim - 2) + [(0, top - d)] * 2)
+    eye = lambda d, dtype: jnp.diag(jnp.arange(top) >= d).astype(dtype)
+    inputs.append(tuple(jnp.concatenate(parts) for parts in zip(*[(
+        _flat(pad(ms[i], sizes[i]) + eye(sizes[i], ms[i].dtype), stacks[i]),
+        jnp.broadcast_to(shifts[i], stacks[i]).reshape(-1))
+        for i in members])))
+  tried = [_batched(_cholesky_inverse, *args) for args in inputs]
+
+  def by_eigh():  # all in one call, padded to the largest size: it is rare
+    top = inputs[0][0].shape[-1]
+    eye = lambda d: jnp.diag(jnp.arange(top) >= d).astype(inputs[0][0].dtype)
+    mats = jnp.concatenate([jnp.pad(m, [(0, 0)] + [(0, top - m.shape[-1])] * 2)
+                            + eye(m.shape[-1]) for m, _ in inputs])
+    invs = _batched(_eigh_inverse, mats,
+                    jnp.concatenate([shift for _, shift in inputs]))
+    cuts = np.cumsum([len(shift) for _, shift in inputs])[:-1]
+    return [inv[:, :m.shape[-1], :m.shape[-1]] for inv, (m, _) in
+            zip(jnp.split(invs, cuts), inputs)]
+
+  invs = jax.lax.cond(jnp.all(jnp.stack([jnp.all(ok) for _, ok in tried])),
+                      lambda: [inv for inv, _ in tried], by_eigh)
+  out: dict[int, jax.Array] = {}
+  for members, inv in zip(groups, invs):
+    out.update(_split(inv, members, stacks, sizes))
+  return [out[i] for i in range(len(ms))]
+
+
+def eighs(ms: Sequence[jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
+  """``jnp.linalg.eigh`` of many symmetric matrices (each ``(..., d, d)``),
+  in one call per size."""
+  sizes = [m.shape[-1] for m in ms]
+  stacks = [m.shape[:-2] for m in ms]
+  out: dict[int, tuple[jax.Array, jax.Array]] = {}
+  for members in _groups(sizes, pad=False):
+    mats = jnp.concatenate([_flat(ms[i], stacks[i]) for i in members])
+    vals, vecs = _batched(jnp.linalg.eigh, mats)
+    vals = _split(vals, members, stacks, sizes)
+    vecs = _split(vecs, members, stacks, sizes)
+    out.update({i: (vals[i], vecs[i]) for i in members})
+  return [out[i] for i in range(len(ms))]
