@@ -284,7 +284,7 @@ def value_grad_and_tape(
   """
   check_fisher_mode(fisher, samples)
   losses.check(loss)
-  wanted = wanted_layers(layers)
+  given, wanted = layers, wanted_layers(layers)
 
   build = Build(_run_on, apply_fn, wanted)  # static: the batch is in inputs
   run_on = lambda x, kwargs: build((x, kwargs))
@@ -299,5 +299,7 @@ def value_grad_and_tape(
   def layers(params, x, **kwargs):
     return layer_specs(discover(run_on(x, kwargs), params)[1], params)
 
-  fn.layers = layers
+  fn.layers, fn.loss, fn.fisher = layers, loss, fisher
+  fn.with_fisher = lambda mode: value_grad_and_tape(  # e.g. influence
+      apply_fn, loss, mode, samples, given)
   return fn

@@ -315,7 +315,9 @@ def value_grad_and_tape(
   ``fn.layers(params_or_model, x, **kwargs)`` returns ``{layer_key:
   LayerSpec}``, the layers as the tape sees them (input/output split, stacked
   axes), for ``kronjax.kfac(..., layers=...)``; it traces the model
-  abstractly, without FLOPs.
+  abstractly, without FLOPs. ``fn.loss``, ``fn.fisher`` and
+  ``fn.with_fisher(mode)`` (this tape function with another Fisher mode, as
+  ``kronjax.influence_scores`` needs) describe it.
 
   Example::
 
@@ -325,7 +327,7 @@ def value_grad_and_tape(
   """
   check_fisher_mode(fisher, samples)
   losses.check(loss)
-  wanted = wanted_layers(layers)
+  given, wanted = layers, wanted_layers(layers)
   if isinstance(model, nnx.Module):
     if method is not None:
       raise ValueError(
@@ -355,6 +357,9 @@ def value_grad_and_tape(
       return layer_specs(discover(run, params)[1], params)
 
     nnx_fn.layers = nnx_layers
+    nnx_fn.loss, nnx_fn.fisher = loss, fisher
+    nnx_fn.with_fisher = lambda mode: value_grad_and_tape(  # e.g. influence
+        model, loss, mode, samples, given)
     return nnx_fn
   if not isinstance(model, nn.Module):
     raise TypeError(
@@ -376,7 +381,9 @@ def value_grad_and_tape(
     run = _linen_run(model, x, wanted, method=method, **apply_kwargs)
     return layer_specs(discover(run, params)[1], params)
 
-  fn.layers = layers
+  fn.layers, fn.loss, fn.fisher = layers, loss, fisher
+  fn.with_fisher = lambda mode: value_grad_and_tape(  # e.g. influence
+      model, loss, mode, samples, given, method)
   return fn
 
 
