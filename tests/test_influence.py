@@ -69,7 +69,7 @@ class NnxMlp(nnx.Module):
     return self.b(jnp.tanh(self.a(x)))
 
 
-def test_nnx_takes_an_empirical_tape_and_a_fisher_tape_is_refused():
+def test_nnx_tape_functions_score_with_the_empirical_fisher():
   _, x, y = data("mlp", n=8)
   module = NnxMlp(nnx.Rngs(0))
   tape_fn = kronjax.flax.value_grad_and_tape(module, CE, fisher="empirical")
@@ -89,10 +89,18 @@ def test_nnx_takes_an_empirical_tape_and_a_fisher_tape_is_refused():
       dense_block(curv, k) + DAMPING * jnp.eye(flat[k].shape[1]), flat[k].T)
              for k in "ab")
   np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10)
-  for fisher in ("mc", "exact"):
+  for fisher in ("mc", "exact"):  # switched to "empirical" by with_fisher
     tape_fn = kronjax.flax.value_grad_and_tape(module, CE, fisher=fisher)
+    np.testing.assert_allclose(kronjax.influence_scores(
+        curv, tape_fn, module, (x[:3], y[:3]), [(x, y)], damping=DAMPING),
+                               want, rtol=1e-8, atol=1e-10)
+
+    def bare(*args, tape_fn=tape_fn, **kwargs):  # it cannot switch itself
+      return tape_fn(*args, **kwargs)
+
+    bare.fisher, bare.layers = fisher, tape_fn.layers
     with pytest.raises(ValueError, match="loss=kronjax.losses"):
-      kronjax.influence_scores(curv, tape_fn, module, (x, y), [(x, y)],
+      kronjax.influence_scores(curv, bare, module, (x, y), [(x, y)],
                                damping=DAMPING)
 
 
