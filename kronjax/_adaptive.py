@@ -135,8 +135,7 @@ def norm_constraint_scale(fisher_norm_sq: jax.Array,
 def initial_damping(factors: dict, dtype: Any) -> jax.Array:
   """``INITIAL · mean_l (tr Ā_l / d_A)(tr Ḡ_l / d_G)``: the first λ, relative
   to the curvature's scale (``_factors.DAMPING`` if that is zero)."""
-  scale = jnp.mean(jnp.concatenate(  # a stack's layers count one by one
-      [_factors.scale(f).reshape(-1).astype(dtype) for f in factors.values()]))
+  scale = jnp.mean(_factors.scales(factors)).astype(dtype)  # stacks: by layer
   return jnp.where(scale > 0, INITIAL * scale, _factors.DAMPING).astype(dtype)
 
 

@@ -39,9 +39,10 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kronjax import _distributed, _params
-from kronjax.blocks import checked as checked_blocks
+from kronjax.blocks import check_state, checked as checked_blocks
 from kronjax._params import LayerSpec, compute_dtype, map_layers
 from kronjax.linalg import Kron, KronEigh
 from kronjax.linalg import _factors as _linalg
@@ -137,38 +138,6 @@ def init(params: Any, layers: dict[str, LayerSpec],
   return factors
 
 
-def check_state(factors: dict[str, LayerFactors], layers, keys,
-                settings: Settings) -> None:
-  """Raises if the state was made for another damping or layout."""
-  placement = settings.placement
-  pad = ((lambda d: d) if placement is None
-         else (lambda d: _distributed.stored_size(d, placement)))
-  for key in keys:
-    f, (d_a, d_g) = factors[key], layers[key].factor_sizes
-    if isinstance(f.a, EighFactor) != settings.exact_damping:
-      made = "exact damping" if isinstance(f.a, EighFactor) else "the π-split"
-      want = "exact damping" if settings.exact_damping else "the π-split"
-      raise ValueError(
-          f"Layer {key}: the optimizer state holds factors for {made}, but "
-          f"this optimizer uses {want} (exact_damping="
-          f"{settings.exact_damping}). Build the optimizer as the state was "
-          "made, or re-initialise the state with tx.init(params).")
-    stack = layers[key].stack_shape
-    want_a = stack + ((d_a,) if layers[key].kind == "embed"
-                      else (pad(d_a),) * 2)
-    want_g = stack + (pad(d_g),) * 2
-    if (f.a.ema.shape, f.g.ema.shape) != (want_a, want_g):
-      n = pad(1)  # the multiple the stored sizes are padded to
-      layout = (f"split over {n} devices, so padded to a multiple of {n}"
-                if n > 1 else "replicated, unpadded")
-      raise ValueError(
-          f"Layer {key}: the optimizer state has factors A {f.a.ema.shape} "
-          f"and G {f.g.ema.shape}, but this optimizer stores A {want_a} and "
-          f"G {want_g} ({layout}). The state was made with another "
-          "placement: build the optimizer as it was, or re-initialise the "
-          "state with tx.init(params).")
-
-
 def update(f: LayerFactors, a: jax.Array, g: jax.Array,
            decay: Any) -> LayerFactors:
   """One step of the moving averages, tracking their accumulated weight.
@@ -192,49 +161,74 @@ def _ema(f: LayerFactors, side: str) -> jax.Array:
   return getattr(f, side).ema.astype(compute_dtype(f.weight.dtype))
 
 
-def _means(f: LayerFactors) -> tuple[jax.Array, jax.Array]:
-  """``tr / d`` of both accumulators (not bias-corrected), ≥ float32."""
-  means = []
-  for side in "ag":
-    ema, d = _ema(f, side), getattr(f, side).ema.shape[-1]
-    diagonal = ema if ema.ndim == f.weight.ndim + 1 else ema.reshape(
-        ema.shape[:-2] + (d * d,))[..., ::d + 1]  # one fusion, not a gather
-    means.append(jnp.mean(diagonal, axis=-1))
-  return means[0], means[1]
-
-
 def _weight(f: LayerFactors) -> jax.Array:
   return jnp.where(f.weight > 0, f.weight, 1).astype(
       compute_dtype(f.weight.dtype))
 
 
-def pi_correction(f: LayerFactors) -> jax.Array:
-  """``π = sqrt((tr A / d_A) / (tr G / d_G))``; 1 when either trace is 0."""
-  mean_a, mean_g = _means(f)
+def _members(factors: dict[str, LayerFactors]):
+  """Each layer's first index and count in a vector over all layers (a
+  stack's members one by one), and the vector's length."""
+  sizes = {key: f.weight.size for key, f in factors.items()}
+  return dict(zip(sizes, np.cumsum([0, *sizes.values()]))), sizes, sum(
+      sizes.values())
+
+
+def _resolved(factors: dict[str, LayerFactors], damping: Any):
+  """``(π, λ, weight)`` of every layer member, as vectors: all traces in
+  one reduction, the arithmetic on vectors (not a few kernels per layer).
+
+  ``π = sqrt((tr A / d_A) / (tr G / d_G))`` (1 if either is 0); ``λ`` is
+  ``damping``, or if :class:`Relative` ``value · (tr Ā/d_A)(tr Ḡ/d_G)`` of
+  the bias-corrected averages (``DAMPING`` where that is 0).
+  """
+  offsets, sizes, total = _members(factors)
+  diagonals, segments = [], []
+  for key, f in factors.items():
+    for side in "ag":  # segments: a layer's A members, then its G members
+      ema, d = _ema(f, side), getattr(f, side).ema.shape[-1]
+      diagonals.append((ema if ema.ndim == f.weight.ndim + 1 else ema.reshape(
+          ema.shape[:-2] + (d * d,))[..., ::d + 1]).reshape(-1) / d)
+      segments.append(np.repeat(np.arange(sizes[key]) + 2 * offsets[key]
+                                + (side == "g") * sizes[key], d))
+  means = jax.ops.segment_sum(jnp.concatenate(diagonals),
+                              np.concatenate(segments), 2 * total)
+  first = np.concatenate([2 * offsets[k] + np.arange(n)
+                          for k, n in sizes.items()])
+  mean_a, mean_g = means[first], means[first + np.repeat(
+      list(sizes.values()), list(sizes.values()))]
+  weight = jnp.concatenate([_weight(f).reshape(-1) for f in factors.values()])
   ok = (mean_a > 0) & (mean_g > 0)
-  return jnp.sqrt(jnp.where(ok, mean_a, 1) / jnp.where(ok, mean_g, 1))
+  pi = jnp.sqrt(jnp.where(ok, mean_a, 1) / jnp.where(ok, mean_g, 1))
+  if isinstance(damping, Relative):
+    scale = mean_a * mean_g / weight**2
+    damping = jnp.where(scale > 0, damping.value * scale, DAMPING)
+  return pi, jnp.broadcast_to(jnp.asarray(damping, means.dtype),
+                              (total,)), weight
 
 
-def scale(f: LayerFactors) -> jax.Array:
-  """``(tr Ā / d_A)(tr Ḡ / d_G)`` of the bias-corrected averages."""
-  mean_a, mean_g = _means(f)
-  return mean_a * mean_g / _weight(f)**2
+def scales(factors: dict[str, LayerFactors]) -> jax.Array:
+  """``(tr Ā / d_A)(tr Ḡ / d_G)`` of every layer member (a vector)."""
+  return _resolved(factors, Relative(1.0))[1]
 
 
 def layer_damping(f: LayerFactors, damping: Any) -> Any:
   """``λ`` of one layer: ``damping``, or resolved if :class:`Relative`."""
   if not isinstance(damping, Relative):
     return damping
-  s = scale(f)
-  return jnp.where(s > 0, damping.value * s, DAMPING)
+  return _resolved({0: f}, damping)[1].reshape(f.weight.shape)
 
 
-def _shift(f: LayerFactors, side: str, damping: Any) -> jax.Array:
-  """The π-split's shift of one factor: ``π√λ`` for A, ``√λ/π`` for G."""
-  root = jnp.sqrt(jnp.asarray(layer_damping(f, damping),
-                              compute_dtype(f.weight.dtype)))
-  pi = pi_correction(f)
-  return pi * root if side == "a" else root / pi
+def _shifts(factors: dict[str, LayerFactors], dense: list,
+            damping: Any) -> jax.Array:
+  """The π-split's shifts times the weights, ``π√λ w`` for A, ``√λ w / π``
+  for G, of each ``(key, side)`` in ``dense``, members flattened."""
+  offsets, sizes, total = _members(factors)
+  pi, lam, weight = _resolved(factors, damping)
+  root = jnp.sqrt(lam) * weight
+  shifts = jnp.concatenate([pi * root, root / pi])  # all A's, then all G's
+  return shifts[np.concatenate([offsets[k] + np.arange(sizes[k])
+                                + (s == "g") * total for k, s in dense])]
 
 
 def _stored(factor: Factor, result: Any, weight: jax.Array) -> Factor:
@@ -262,8 +256,8 @@ def refresh_side(f: LayerFactors, side: str, damping: Any) -> Factor:
   if isinstance(factor, EighFactor):
     diagonal = ema.ndim == f.weight.ndim + 1  # its own eigenvalues
     return _stored(factor, ema if diagonal else jnp.linalg.eigh(ema), weight)
-  return _stored(factor, _linalg.damped_inverse(
-      ema, _shift(f, side, damping) * weight), weight)
+  return _stored(factor, _linalg.damped_inverse(ema, _shifts(
+      {0: f}, [(0, side)], damping).reshape(f.weight.shape)), weight)
 
 
 def refresh_all(factors: dict[str, LayerFactors],
@@ -282,12 +276,10 @@ def refresh_all(factors: dict[str, LayerFactors],
         dense.append((key, side))
   emas = [_ema(factors[k], s) for k, s in dense]  # weights: in _stored
   weights = [_weight(factors[k]) for k, _ in dense]
-  if any(isinstance(factors[k].a, EighFactor) for k, _ in dense):
+  if not dense or isinstance(factors[dense[0][0]].a, EighFactor):
     results = _linalg.eighs(emas)
   else:
-    results = _linalg.damped_inverses(emas, [
-        _shift(factors[k], s, damping) * w
-        for (k, s), w in zip(dense, weights)])
+    results = _linalg.damped_inverses(emas, _shifts(factors, dense, damping))
   for (key, side), result, w in zip(dense, results, weights):
     new[key][side] = _stored(getattr(factors[key], side), result, w)
   return {key: f._replace(**new[key]) for key, f in factors.items()}

@@ -26,7 +26,7 @@ that masks terms (``ignore_index``), the means run over the positions that
 count (see ``LayerTape.mask``).
 
 :func:`checked` checks a ``curvature=`` argument against an optimizer's
-layers at trace time.
+layers at trace time, :func:`check_state` its state.
 
 References:
   Martens & Grosse 2015, Optimizing neural networks with Kronecker-factored
@@ -43,6 +43,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
+from kronjax import _distributed
 from kronjax._params import CURVATURE_HINT, LAYERS_HINT, LayerSpec, layer_key
 from kronjax.linalg import Kron
 from kronjax.tape import LayerPath, LayerTape, SummedTape, Tape, TiedTape
@@ -259,3 +260,36 @@ def checked(curvature: Any, layers: dict[str, LayerSpec],
     return {key: blocks[given].factors for key, given in keys.items()}
 
   return blocks_fn, list(keys)
+
+
+def check_state(factors: dict[str, Any], layers, keys, settings: Any) -> None:
+  """Raises if the K-FAC state was made for another damping or layout (a
+  placement pads and splits the stored factors)."""
+  placement = settings.placement
+  pad = ((lambda d: d) if placement is None
+         else (lambda d: _distributed.stored_size(d, placement)))
+  for key in keys:
+    f, (d_a, d_g) = factors[key], layers[key].factor_sizes
+    exact = hasattr(f.a, "eigvecs")  # an EighFactor
+    if exact != settings.exact_damping:
+      made = "exact damping" if exact else "the π-split"
+      want = "exact damping" if settings.exact_damping else "the π-split"
+      raise ValueError(
+          f"Layer {key}: the optimizer state holds factors for {made}, but "
+          f"this optimizer uses {want} (exact_damping="
+          f"{settings.exact_damping}). Build the optimizer as the state was "
+          "made, or re-initialise the state with tx.init(params).")
+    stack = layers[key].stack_shape
+    want_a = stack + ((d_a,) if layers[key].kind == "embed"
+                      else (pad(d_a),) * 2)
+    want_g = stack + (pad(d_g),) * 2
+    if (f.a.ema.shape, f.g.ema.shape) != (want_a, want_g):
+      n = pad(1)  # the multiple the stored sizes are padded to
+      layout = (f"split over {n} devices, so padded to a multiple of {n}"
+                if n > 1 else "replicated, unpadded")
+      raise ValueError(
+          f"Layer {key}: the optimizer state has factors A {f.a.ema.shape} "
+          f"and G {f.g.ema.shape}, but this optimizer stores A {want_a} and "
+          f"G {want_g} ({layout}). The state was made with another "
+          "placement: build the optimizer as it was, or re-initialise the "
+          "state with tx.init(params).")

@@ -219,8 +219,8 @@ def test_factors_of_many_sizes_are_inverted_together_exactly(indefinite):
   if indefinite:
     ms[2] = ms[2] - 2.0 * np.eye(64)  # beyond any shift: Cholesky fails
   shifts = [rng.uniform(0.1, 1, size=s) for s in stacks]
-  got = _linalg.damped_inverses([jnp.asarray(m) for m in ms],
-                                [jnp.asarray(s) for s in shifts])
+  got = _linalg.damped_inverses([jnp.asarray(m) for m in ms], jnp.asarray(
+      np.concatenate([np.reshape(s, -1) for s in shifts])))
 
   def expected(m, s):
     vals, vecs = np.linalg.eigh(m)

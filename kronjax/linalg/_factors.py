@@ -229,11 +229,11 @@ def _split(out: jax.Array, members: list[int], shapes: list[tuple[int, ...]],
 
 
 def damped_inverses(ms: Sequence[jax.Array],
-                    shifts: Sequence[jax.Array]) -> list[jax.Array]:
-  """``(M_i + s_i I)⁻¹`` for many PSD ``M_i`` (each ``(..., d_i, d_i)``, with
-  ``s_i`` shaped ``(...)``) by Cholesky, in few calls: matrices of similar
-  sizes are padded with an identity block (which leaves their inverses'
-  leading block exact) and inverted together.
+                    shifts: jax.Array) -> list[jax.Array]:
+  """``(M_i + s_i I)⁻¹`` for many PSD ``M_i`` (each ``(..., d_i, d_i)``; the
+  shifts of all, stacks flattened, in one vector) by Cholesky, in few calls:
+  matrices of similar sizes are padded with an identity block (which leaves
+  their inverses' leading block exact) and inverted together.
 
   If a Cholesky fails (``M_i`` indefinite beyond its shift, from
   round-off), all are redone with their eigenvalues clipped at 0, in one
@@ -242,15 +242,16 @@ def damped_inverses(ms: Sequence[jax.Array],
   """
   sizes = [m.shape[-1] for m in ms]
   stacks = [m.shape[:-2] for m in ms]
+  starts = np.cumsum([0] + [math.prod(s) for s in stacks])
   groups, inputs = _groups(sizes, pad=True), []
   for members in groups:
     top = sizes[members[0]]
     pad = lambda m, d: jnp.pad(m, [(0, 0)] * (m.ndim - 2) + [(0, top - d)] * 2)
     eye = lambda d, dtype: jnp.diag(jnp.arange(top) >= d).astype(dtype)
-    inputs.append(tuple(jnp.concatenate(parts) for parts in zip(*[(
-        _flat(pad(ms[i], sizes[i]) + eye(sizes[i], ms[i].dtype), stacks[i]),
-        jnp.broadcast_to(shifts[i], stacks[i]).reshape(-1))
-        for i in members])))
+    inputs.append((jnp.concatenate([
+        _flat(pad(ms[i], sizes[i]) + eye(sizes[i], ms[i].dtype), stacks[i])
+        for i in members]), shifts[np.concatenate([
+            np.arange(starts[i], starts[i + 1]) for i in members])]))
   tried = [_batched(_cholesky_inverse, *args) for args in inputs]
 
   def by_eigh():  # all in one call, padded to the largest size: it is rare
