@@ -25,12 +25,24 @@ a factorisation and its application):
     \\qquad π = \\sqrt{\\frac{\\operatorname{tr} A / d_A}
                               {\\operatorname{tr} G / d_G}}.
 
+* EK-FAC (``eigenvalue_correction``) keeps the eigenbases too, and replaces
+  K-FAC's eigenvalues ``λ_A λ_Gᵀ`` by ``s``, a moving average of each batch's
+  mean squared per-example gradient in the Kronecker eigenbasis, reset to
+  ``λ_A λ_Gᵀ`` at each refresh of the basis (George et al. 2018):
+
+  .. math::
+
+    U\\,\\big(\\operatorname{diag}(\\operatorname{vec} s) + λI\\big)^{-1} U^\\top
+    \\operatorname{vec}(Γ), \\qquad U = U_A \\otimes U_G.
+
 ``Γ`` is the gradient of ``W̄`` (kernel rows, then the bias row); ``A ⊗ G`` is
 never formed. ``λ`` is a number, or :class:`Relative` to each layer's scale.
 
 References:
   Martens & Grosse 2015, Optimizing neural networks with Kronecker-factored
-  approximate curvature (§6.3, the π-corrected damping).
+  approximate curvature (§6.3, the π-corrected damping). George et al. 2018,
+  Fast approximate natural gradient descent in a Kronecker-factored
+  eigenbasis (EK-FAC).
 """
 
 from __future__ import annotations
@@ -41,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kronjax import _distributed, _params
+from kronjax import _distributed, _params, _per_example
 from kronjax.blocks import check_state, checked as checked_blocks
 from kronjax._params import LayerSpec, compute_dtype, map_layers
 from kronjax.linalg import Kron, KronEigh
@@ -72,6 +84,9 @@ class LayerFactors(NamedTuple):
   a: Factor  # inputs: (d_A, d_A), or (vocab,) for an embedding's diagonal.
   g: Factor  # outputs: (d_G, d_G).
   weight: jax.Array  # () factor dtype: accumulated EMA weight, 1 - decay^k.
+  # EK-FAC only (else None): (d_A, d_G), the block's eigenvalues in the basis
+  # U_A ⊗ U_G: λ_A λ_Gᵀ at a refresh, then averaged with the batches'.
+  corrections: jax.Array | None = None
 
 
 class Settings(NamedTuple):
@@ -85,6 +100,12 @@ class Settings(NamedTuple):
   placement: Any = None  # a kronjax.Placement over more than one device
   layers: Any = None  # {layer_key: LayerSpec} from the tape; None: guessed
   routed: bool = False  # kfac routes params by layer: all need curvature
+  eigenvalue_correction: bool = False  # EK-FAC (eigenbases, always exact)
+
+  @property
+  def eigenbases(self) -> bool:
+    """Whether the factors keep eigendecompositions (not damped inverses)."""
+    return self.exact_damping or self.eigenvalue_correction
 
 
 DAMPING = 1e-3  # λ where a relative damping has no scale (zero factors)
@@ -121,14 +142,18 @@ def init(params: Any, layers: dict[str, LayerSpec],
   dtype = factor_dtype(params, settings)
   if settings.layers is not None:
     _params.check_given(params, layers)
+  if settings.eigenvalue_correction:
+    _check_ekfac(layers, settings)
   factors = {}
   for key, spec in layers.items():
     d_a, d_g = spec.factor_sizes
-    stack, exact = spec.stack_shape, settings.exact_damping
+    stack, exact = spec.stack_shape, settings.eigenbases
     factors[key] = LayerFactors(
         _init_factor(d_a, spec.kind == "embed", dtype, exact, stack),
         _init_factor(d_g, False, dtype, exact, stack),
-        jnp.zeros(stack, dtype))
+        jnp.zeros(stack, dtype),
+        jnp.zeros(stack + (d_a, d_g), dtype)
+        if settings.eigenvalue_correction else None)
   if settings.placement is not None:
     stacked = [k for k, spec in layers.items() if spec.stack]
     if stacked:
@@ -136,6 +161,20 @@ def init(params: Any, layers: dict[str, LayerSpec],
                        "over devices yet; leave placement=None.")
     factors = _distributed.init(factors, settings.placement)
   return factors
+
+
+def _check_ekfac(layers: dict[str, LayerSpec], settings: Settings) -> None:
+  stacked = [k for k, spec in layers.items() if spec.stack]
+  if stacked:
+    raise ValueError(
+        f"eigenvalue_correction=True: layers {stacked} are stacks of layers "
+        "(nn.scan) whose tapes hold summed statistics only, and EK-FAC needs "
+        "per-example gradients. Use K-FAC (eigenvalue_correction=False), or "
+        "unroll the stack.")
+  if settings.placement is not None:
+    raise ValueError("eigenvalue_correction=True cannot place its factors "
+                     "over devices yet: leave placement=None (the factors "
+                     "are then replicated, and the step data-parallel).")
 
 
 def update(f: LayerFactors, a: jax.Array, g: jax.Array,
@@ -154,7 +193,29 @@ def update(f: LayerFactors, a: jax.Array, g: jax.Array,
                   [(0, s - d) for d, s in zip(new.shape, side.ema.shape)])
     return side._replace(ema=step(side.ema, new))
 
-  return LayerFactors(ema(f.a, a), ema(f.g, g), step(f.weight, 1))
+  return f._replace(a=ema(f.a, a), g=ema(f.g, g), weight=step(f.weight, 1))
+
+
+def batch_corrections(entry: Any, path: Any, f: LayerFactors) -> jax.Array:
+  """EK-FAC's estimate from one batch's tape: ``mean_n Σ_s (U_Aᵀ ∇_n
+  U_G)²``, ``∇_n`` the per-example gradient of ``W̄`` (positions summed),
+  in the current eigenbasis (``kronjax._per_example``)."""
+  uses = _per_example.layer_uses(entry, path, "eigenvalue_correction=True")
+  dtype = compute_dtype(f.weight.dtype)
+  ua, ug = f.a.eigvecs.astype(dtype), f.g.eigvecs.astype(dtype)
+  uses = [u._replace(rows=u.rows if u.ids else u.rows.astype(dtype),
+                     cols=u.cols.astype(dtype)) for u in uses]
+  n = uses[0].cols.shape[1]
+  return _per_example.eigenbasis_squares(uses, f.a.ema.shape[-1], ua,
+                                         ug) / n
+
+
+def update_corrections(f: LayerFactors, new: jax.Array,
+                       decay: Any) -> LayerFactors:
+  """One step of EK-FAC's moving average ``s ← β s + (1 − β) ŝ``."""
+  decay = jnp.asarray(decay, new.dtype)
+  return f._replace(corrections=(decay * f.corrections.astype(new.dtype) + (
+      1 - decay) * new).astype(f.corrections.dtype))
 
 
 def _ema(f: LayerFactors, side: str) -> jax.Array:
@@ -282,7 +343,16 @@ def refresh_all(factors: dict[str, LayerFactors],
     results = _linalg.damped_inverses(emas, _shifts(factors, dense, damping))
   for (key, side), result, w in zip(dense, results, weights):
     new[key][side] = _stored(getattr(factors[key], side), result, w)
-  return {key: f._replace(**new[key]) for key, f in factors.items()}
+  return {key: _reset(f._replace(**new[key])) for key, f in factors.items()}
+
+
+def _reset(f: LayerFactors) -> LayerFactors:
+  """EK-FAC's eigenvalues back to K-FAC's, ``λ_A λ_Gᵀ``, in a new basis."""
+  if f.corrections is None:
+    return f
+  return f._replace(corrections=(f.a.eigvals[..., :, None]
+                                 * f.g.eigvals[..., None, :]).astype(
+                                     f.corrections.dtype))
 
 
 def solve(f: LayerFactors, grad: jax.Array, damping: Any) -> jax.Array:
@@ -292,6 +362,12 @@ def solve(f: LayerFactors, grad: jax.Array, damping: Any) -> jax.Array:
   their :func:`compute_dtype`.
   """
   dtype = compute_dtype(f.weight.dtype)
+  if f.corrections is not None:  # EK-FAC: divide in the eigenbasis
+    f, w = jax.tree.map(lambda x: x.astype(dtype), (f, grad))
+    basis = (f.a.eigvecs, f.g.eigvecs)
+    lam = jnp.asarray(layer_damping(f, damping), dtype)
+    coords = _linalg.apply_all(basis, w, transpose=True)
+    return _linalg.apply_all(basis, coords / (f.corrections + lam))
   f, v = jax.tree.map(lambda x: x.astype(dtype), (f, grad.reshape(-1)))
   if isinstance(f.a, EighFactor):
     decomposition = KronEigh((f.a.eigvals, f.g.eigvals),
@@ -308,11 +384,13 @@ def solve(f: LayerFactors, grad: jax.Array, damping: Any) -> jax.Array:
 def maintain(factors: dict[str, LayerFactors], blocks_fn: Callable, keys,
              layers: dict[str, LayerSpec], settings: Settings, damping: Any,
              update_now: jax.Array,
-             refresh_now: jax.Array):
+             refresh_now: jax.Array, corrections_fn: Callable | None = None):
   """Moving averages and refreshes of the layers with blocks, under conds.
 
   ``damping`` may be a function of the updated factors (of the layers with
-  blocks), called before the refresh. Returns the factors and the damping.
+  blocks), called before the refresh. EK-FAC's ``corrections_fn`` (factors
+  → their new corrections) runs after the refresh, in the new basis.
+  Returns the factors and the damping.
   """
   placement = settings.placement
   sub = {key: factors[key] for key in keys}
@@ -335,6 +413,8 @@ def maintain(factors: dict[str, LayerFactors], blocks_fn: Callable, keys,
   if callable(damping):
     damping = damping(sub)
   sub = jax.lax.cond(refresh_now, refresh_fn, identity, sub)
+  if corrections_fn is not None:
+    sub = jax.lax.cond(update_now, corrections_fn, identity, sub)
   if placement is not None:
     sub = _distributed.constrain(sub, placement)
   return {**factors, **sub}, damping
@@ -363,6 +443,25 @@ def precondition(grads: Any, covered: dict[str, LayerSpec],
   return map_layers(layer, grads, covered)
 
 
+def _corrections_fn(curvature: dict, settings: Settings) -> Callable:
+  """EK-FAC's update of the corrections from this batch's tapes."""
+  given = [p for p, entry in curvature.items() if isinstance(entry, Kron)]
+  if given:
+    raise ValueError(
+        f"eigenvalue_correction=True needs this batch's tapes (curvature="
+        f"tape), but curvature holds Kron blocks (layer {given[0]}): EK-FAC's "
+        "eigenvalues come from per-example gradients, which blocks no "
+        "longer hold.")
+  paths = {_params.layer_key(p): p for p in curvature}
+
+  def corrections_fn(fs):
+    return {k: update_corrections(f, batch_corrections(
+        curvature[paths[k]], paths[k], f), settings.decay)
+            for k, f in fs.items()}
+
+  return corrections_fn
+
+
 def precondition_step(grads: Any, factors: dict[str, LayerFactors],
                       curvature: Any, settings: Settings, count: jax.Array,
                       damping: Any, finite: Any = True):
@@ -379,10 +478,12 @@ def precondition_step(grads: Any, factors: dict[str, LayerFactors],
   blocks_fn, keys = checked_blocks(curvature, layers, factors,
                                    settings.layers is None)
   check_state(factors, layers, keys, settings)
-  factors, damping = maintain(factors, blocks_fn, keys, layers, settings,
-                              damping,
-                     finite & (count % settings.factor_every == 0),
-                     finite & (count % settings.inverse_every == 0))
+  factors, damping = maintain(
+      factors, blocks_fn, keys, layers, settings, damping,
+      finite & (count % settings.factor_every == 0),
+      finite & (count % settings.inverse_every == 0),
+      _corrections_fn(curvature, settings) if settings.eigenvalue_correction
+      else None)
   covered = {key: layers[key] for key in keys}
   _params.check_covered(grads, layers, covered, settings)
   return (precondition(grads, covered, factors, damping, settings.placement),

@@ -270,15 +270,19 @@ def check_state(factors: dict[str, Any], layers, keys, settings: Any) -> None:
          else (lambda d: _distributed.stored_size(d, placement)))
   for key in keys:
     f, (d_a, d_g) = factors[key], layers[key].factor_sizes
-    exact = hasattr(f.a, "eigvecs")  # an EighFactor
-    if exact != settings.exact_damping:
-      made = "exact damping" if exact else "the π-split"
-      want = "exact damping" if settings.exact_damping else "the π-split"
+    made, want = (("EK-FAC" if ekfac else "exact damping" if exact
+                   else "the π-split")
+                  for exact, ekfac in ((hasattr(f.a, "eigvecs"),
+                                        f.corrections is not None),
+                                       (settings.eigenbases,
+                                        settings.eigenvalue_correction)))
+    if made != want:
       raise ValueError(
           f"Layer {key}: the optimizer state holds factors for {made}, but "
           f"this optimizer uses {want} (exact_damping="
-          f"{settings.exact_damping}). Build the optimizer as the state was "
-          "made, or re-initialise the state with tx.init(params).")
+          f"{settings.exact_damping}, eigenvalue_correction="
+          f"{settings.eigenvalue_correction}). Build the optimizer as the "
+          "state was made, or re-initialise the state with tx.init(params).")
     stack = layers[key].stack_shape
     want_a = stack + ((d_a,) if layers[key].kind == "embed"
                       else (pad(d_a),) * 2)

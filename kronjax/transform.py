@@ -119,7 +119,8 @@ def skip_non_finite(
 
 
 def _settings(decay, factor_every, inverse_every, exact_damping, factor_dtype,
-              placement, layers, routed=False) -> _factors.Settings:
+              placement, layers, routed=False,
+              eigenvalue_correction=False) -> _factors.Settings:
   for name, period in (("factor_every", factor_every),
                        ("inverse_every", inverse_every)):
     # An int, or (under optax.inject_hyperparams) an integer array.
@@ -128,7 +129,8 @@ def _settings(decay, factor_every, inverse_every, exact_damping, factor_dtype,
   return _factors.Settings(
       decay, factor_every, inverse_every, bool(exact_damping),
       None if factor_dtype is None else jnp.dtype(factor_dtype),
-      _distributed.resolve(placement), _params.given_layers(layers), routed)
+      _distributed.resolve(placement), _params.given_layers(layers), routed,
+      bool(eigenvalue_correction))
 
 
 def _relative(damping: Any) -> Any:
@@ -187,6 +189,7 @@ def scale_by_kfac(
     factor_every: int = _D.factor_every,
     inverse_every: int = _D.inverse_every,
     exact_damping: bool = _D.exact_damping,
+    eigenvalue_correction: bool = _D.eigenvalue_correction,
     norm_constraint: float | None = NORM_CONSTRAINT,
     learning_rate: ScalarOrSchedule | None = None,
     factor_dtype: Any = _D.factor_dtype,
@@ -242,6 +245,12 @@ def scale_by_kfac(
     exact_damping: ``A ⊗ G + λI`` exactly, in the factors' eigenbases (four
       matmuls a layer); ``False``: the π-corrected split, whose cached damped
       inverses cost two.
+    eigenvalue_correction: EK-FAC (George et al. 2018): in the same
+      eigenbases, the eigenvalues ``λ_A λ_Gᵀ`` are replaced by a moving
+      average (``decay``, every ``factor_every`` steps) of each batch's mean
+      squared per-example gradient, reset to ``λ_A λ_Gᵀ`` when the basis is
+      refreshed; ``(s + λ)⁻¹`` there, damping always exact. Needs the tapes
+      as ``curvature`` (not blocks) and layers outside ``nn.scan`` stacks.
     norm_constraint: ``c``, a bound on the step's squared Fisher norm, or
       ``None``; needs ``learning_rate``.
     learning_rate: the learning rate (float or schedule) that the chain
@@ -264,7 +273,8 @@ def scale_by_kfac(
     :func:`skip_non_finite`) and ignores other keyword arguments.
   """
   settings = _settings(decay, factor_every, inverse_every, exact_damping,
-                       factor_dtype, placement, layers)
+                       factor_dtype, placement, layers,
+                       eigenvalue_correction=eigenvalue_correction)
   return skip_non_finite(_preconditioner(settings, _relative(damping),
                                          norm_constraint, learning_rate))
 
@@ -277,6 +287,7 @@ def scale_by_adaptive_kfac(
     factor_every: int = _D.factor_every,
     inverse_every: int = _D.inverse_every,
     exact_damping: bool = _D.exact_damping,
+    eigenvalue_correction: bool = _D.eigenvalue_correction,
     norm_constraint: float | None = None,
     damping_adaptation_interval: int = _adaptive.INTERVAL,
     factor_dtype: Any = _D.factor_dtype,
@@ -303,6 +314,7 @@ def scale_by_adaptive_kfac(
     factor_every: see :func:`scale_by_kfac`.
     inverse_every: see :func:`scale_by_kfac`.
     exact_damping: see :func:`scale_by_kfac`.
+    eigenvalue_correction: EK-FAC, see :func:`scale_by_kfac`.
     norm_constraint: ``c``, a bound on ``dᵀFd``, or ``None``.
     damping_adaptation_interval: ``T`` of Levenberg–Marquardt (a static int).
     factor_dtype: see :func:`scale_by_kfac`.
@@ -318,7 +330,8 @@ def scale_by_adaptive_kfac(
     as in :func:`scale_by_kfac`.
   """
   settings = _settings(decay, factor_every, inverse_every, exact_damping,
-                       factor_dtype, placement, layers)
+                       factor_dtype, placement, layers,
+                       eigenvalue_correction=eigenvalue_correction)
   return skip_non_finite(_adaptive.adaptive_step(
       loss, damping, norm_constraint, damping_adaptation_interval, settings))
 
@@ -331,6 +344,7 @@ def kfac(
     decay: float = _D.decay,
     factor_every: int = _D.factor_every,
     inverse_every: int = _D.inverse_every,
+    eigenvalue_correction: bool = _D.eigenvalue_correction,
     norm_constraint: float | None = None,
     fallback: optax.GradientTransformation = optax.adam(1e-3),
     factor_dtype: Any = _D.factor_dtype,
@@ -343,8 +357,8 @@ def kfac(
   ``kernel`` of rank >= 2 or an ``embedding``) get
   :func:`scale_by_kfac` and ``−learning_rate``, or, given ``loss`` instead,
   :func:`scale_by_adaptive_kfac` (``output_fn=`` and ``targets=`` each
-  update). Both use the π-corrected damping; chain the transformations
-  yourself for exact damping. All other parameters (normalisation scales,
+  update). Both use the π-corrected damping (EK-FAC's is exact); chain the
+  transformations yourself for K-FAC's exact damping. All other parameters (normalisation scales,
   ...) go to ``fallback`` through ``optax.partition``. The whole step is
   skipped, in every group, when anything in it is not finite
   (:func:`skip_non_finite`), so schedules count applied steps only.
@@ -358,6 +372,8 @@ def kfac(
     decay: see :func:`scale_by_kfac`.
     factor_every: see :func:`scale_by_kfac`.
     inverse_every: see :func:`scale_by_kfac`.
+    eigenvalue_correction: EK-FAC instead of K-FAC (see
+      :func:`scale_by_kfac`); pass the tapes as ``curvature``.
     norm_constraint: a bound on the step's squared Fisher norm (KL clipping).
     fallback: the optimizer of the parameters outside layers.
     factor_dtype: see :func:`scale_by_kfac`.
@@ -376,7 +392,8 @@ def kfac(
         "output_fn= and targets= passed to each update)"
         + (", not both." if loss is not None else "."))
   settings = _settings(decay, factor_every, inverse_every, False, factor_dtype,
-                       placement, layers, routed=True)
+                       placement, layers, routed=True,
+                       eigenvalue_correction=eigenvalue_correction)
   if loss is None:
     bound = NORM_CONSTRAINT if norm_constraint is None else norm_constraint
     group = optax.chain(
