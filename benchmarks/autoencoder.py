@@ -28,6 +28,11 @@ Monte-Carlo Fisher sample per example (kfac-jax ``estimation_mode=
 kronjax uses the π-corrected split like kfac-jax. The ``factor_every=5`` rows
 update kronjax's factors every 5th step only and skip the tape's extra
 backward pass in between (``with_tape=kronjax.curvature_due(opt_state)``).
+The ``EK-FAC`` rows are kronjax with ``eigenvalue_correction=True`` (George
+et al. 2018: the same eigenbases, eigenvalues fitted to the squared
+per-example gradients, exact damping), otherwise as the K-FAC rows; the
+``exact damping`` row is K-FAC with EK-FAC's (exact) damping, to tell the
+two changes apart.
 kfac-jax's step is compiled by kfac-jax itself (its ``step`` must not be
 wrapped in ``jax.jit``); we pass ``global_step_int`` so its Python wrapper does
 not synchronise with the device every step. Adam's and kronjax's whole steps
@@ -246,13 +251,18 @@ def _kronjax_fixed_tx(wanted: dict):
   return kronjax.kfac(**kwargs), kwargs, dropped, "kronjax.kfac"
 
 
-def make_kronjax(lr, factor_every: int = 1) -> Runner:
+def make_kronjax(lr, factor_every: int = 1, ekfac: bool = False,
+                 exact: bool = False) -> Runner:
   """lr: (learning rate, damping), or "adaptive" (learning_rate=None, loss=...).
 
   Both use the π-corrected split (kfac-jax's default, and kronjax.kfac's).
   The tapes go to the update as ``curvature`` (their blocks are computed only
   on factor-update steps), and with ``factor_every > 1`` the steps in between
   skip the Fisher's backward pass (``with_tape=kronjax.curvature_due``).
+  ``ekfac``: EK-FAC (``eigenvalue_correction=True``) instead of K-FAC;
+  ``exact`` (adaptive only): K-FAC with exact damping, EK-FAC's damping, as
+  ``optax.chain(kronjax.scale_by_adaptive_kfac(exact_damping=True),
+  optax.scale(-1))`` (``kronjax.kfac`` has only the π-split).
   """
   loss_obj = kronjax.losses.sigmoid_binary_cross_entropy
   tape_fn = kronjax.flax.value_grad_and_tape(MODEL, loss_obj, fisher="mc")
@@ -265,7 +275,17 @@ def make_kronjax(lr, factor_every: int = 1) -> Runner:
     wanted = dict(learning_rate=lr[0], damping=lr[1],
                   momentum=FIXED_MOMENTUM, inverse_every=INVERSE_EVERY,
                   decay=FACTOR_DECAY, factor_every=factor_every)
-  if adaptive:
+  if ekfac:
+    wanted["eigenvalue_correction"] = True
+  if adaptive and exact:
+    inner = {k: v for k, v in wanted.items() if k not in ("learning_rate",
+                                                          "loss")}
+    kwargs = dict(inner, loss=loss_obj, exact_damping=True)
+    dropped = {}
+    tx = optax.chain(kronjax.scale_by_adaptive_kfac(**kwargs),
+                     optax.scale(-1.0))
+    built_as = "optax.chain(kronjax.scale_by_adaptive_kfac, optax.scale(-1))"
+  elif adaptive:
     kwargs, dropped = _kronjax_kwargs(kronjax.kfac, wanted)
     tx, built_as = kronjax.kfac(**kwargs), "kronjax.kfac"
   else:
@@ -313,6 +333,12 @@ def optimizers(quick: bool) -> list[Optimizer]:
                 functools.partial(make_kronjax, factor_every=5), kr),
       Optimizer("kronjax adaptive, factor_every=5", ["adaptive"],
                 functools.partial(make_kronjax, factor_every=5), kr),
+      Optimizer("kronjax fixed, EK-FAC", kfac_lrs,
+                functools.partial(make_kronjax, ekfac=True), kr),
+      Optimizer("kronjax adaptive, EK-FAC", ["adaptive"],
+                functools.partial(make_kronjax, ekfac=True), kr),
+      Optimizer("kronjax adaptive, exact damping", ["adaptive"],
+                functools.partial(make_kronjax, exact=True), kr),
   ]
 
 

@@ -150,25 +150,30 @@ def make_optax(prob: Problem, name: str, tx, hp, settings) -> Config:
   return Config(name, hp, lambda p: (p, tx.init(p)), step, settings)
 
 
-def make_kronjax(prob: Problem) -> Config:
-  """kronjax.kfac adaptive, kronjax's defaults otherwise."""
+def make_kronjax(prob: Problem, ekfac: bool = False) -> Config:
+  """kronjax.kfac adaptive (EK-FAC with ``ekfac``), kronjax's defaults
+  otherwise. The tapes go to the update (blocks are computed there)."""
   model = prob.model
   loss_obj = kronjax.losses.sigmoid_binary_cross_entropy
   tape_fn = kronjax.flax.value_grad_and_tape(model, loss_obj)
-  tx = kronjax.kfac(learning_rate=None, loss=loss_obj)
+  extra = dict(eigenvalue_correction=True) if ekfac else {}
+  tx = kronjax.kfac(learning_rate=None, loss=loss_obj, **extra)
 
   @jax.jit
   def step(state, x, rng):
     params, opt_state = state
     loss, grads, tape = tape_fn(params, x, x, rng)
     updates, opt_state = tx.update(
-        grads, opt_state, params, curvature=kronjax.fisher_blocks(tape),
+        grads, opt_state, params, curvature=tape,
         output_fn=lambda p: model.apply({"params": p}, x), targets=x)
     return (optax.apply_updates(params, updates), opt_state), loss
 
-  return Config("kronjax adaptive", None, lambda p: (p, tx.init(p)), step,
+  return Config("kronjax adaptive" + (", EK-FAC" if ekfac else ""), None,
+                lambda p: (p, tx.init(p)), step,
                 dict(call="kronjax.kfac(learning_rate=None, loss=kronjax.losses."
-                     "sigmoid_binary_cross_entropy)", defaults="kronjax's",
+                     "sigmoid_binary_cross_entropy"
+                     + (", eigenvalue_correction=True)" if ekfac else ")"),
+                     defaults="kronjax's",
                      tape="kronjax.flax.value_grad_and_tape(model, loss) (default fisher)"))
 
 
@@ -214,7 +219,7 @@ def configs(prob: Problem, batch: int, quick: bool) -> tuple[list, dict]:
           for lr in sgd_lrs]
   skipped = {}
   if kronjax is not None:
-    out.append(make_kronjax(prob))
+    out += [make_kronjax(prob), make_kronjax(prob, ekfac=True)]
   else:
     skipped["kronjax adaptive"] = aeb.KRONJAX_ERROR
   if kfac_jax is not None:

@@ -26,9 +26,11 @@ a factorisation and its application):
                               {\\operatorname{tr} G / d_G}}.
 
 * EK-FAC (``eigenvalue_correction``) keeps the eigenbases too, and replaces
-  K-FAC's eigenvalues ``λ_A λ_Gᵀ`` by ``s``, a moving average of each batch's
-  mean squared per-example gradient in the Kronecker eigenbasis, reset to
-  ``λ_A λ_Gᵀ`` at each refresh of the basis (George et al. 2018):
+  K-FAC's eigenvalues ``λ_A λ_Gᵀ`` by ``s``, a bias-corrected moving average
+  of each batch's mean squared per-example gradient in the Kronecker
+  eigenbasis (George et al. 2018). A refresh carries the average into the
+  new basis as the diagonal of the old ``U diag(s) Uᵀ`` there,
+  ``(Q_A ∘ Q_A) s (Q_G ∘ Q_G)ᵀ`` with ``Q = U_newᵀ U_old`` per factor:
 
   .. math::
 
@@ -84,8 +86,8 @@ class LayerFactors(NamedTuple):
   a: Factor  # inputs: (d_A, d_A), or (vocab,) for an embedding's diagonal.
   g: Factor  # outputs: (d_G, d_G).
   weight: jax.Array  # () factor dtype: accumulated EMA weight, 1 - decay^k.
-  # EK-FAC only (else None): (d_A, d_G), the block's eigenvalues in the basis
-  # U_A ⊗ U_G: λ_A λ_Gᵀ at a refresh, then averaged with the batches'.
+  # EK-FAC only (else None): (d_A, d_G) moving-average accumulator (weighted
+  # by `weight` as the factors) of the block's eigenvalues in U_A ⊗ U_G.
   corrections: jax.Array | None = None
 
 
@@ -108,6 +110,7 @@ class Settings(NamedTuple):
     return self.exact_damping or self.eigenvalue_correction
 
 
+HI = jax.lax.Precision.HIGHEST
 DAMPING = 1e-3  # λ where a relative damping has no scale (zero factors)
 
 
@@ -212,7 +215,8 @@ def batch_corrections(entry: Any, path: Any, f: LayerFactors) -> jax.Array:
 
 def update_corrections(f: LayerFactors, new: jax.Array,
                        decay: Any) -> LayerFactors:
-  """One step of EK-FAC's moving average ``s ← β s + (1 − β) ŝ``."""
+  """One step of EK-FAC's moving average ``s ← β s + (1 − β) ŝ`` (an
+  accumulator: steps with the factors', so ``s / weight`` is unbiased)."""
   decay = jnp.asarray(decay, new.dtype)
   return f._replace(corrections=(decay * f.corrections.astype(new.dtype) + (
       1 - decay) * new).astype(f.corrections.dtype))
@@ -343,16 +347,24 @@ def refresh_all(factors: dict[str, LayerFactors],
     results = _linalg.damped_inverses(emas, _shifts(factors, dense, damping))
   for (key, side), result, w in zip(dense, results, weights):
     new[key][side] = _stored(getattr(factors[key], side), result, w)
-  return {key: _reset(f._replace(**new[key])) for key, f in factors.items()}
+  return {key: _carried(f, f._replace(**new[key]))
+          for key, f in factors.items()}
 
 
-def _reset(f: LayerFactors) -> LayerFactors:
-  """EK-FAC's eigenvalues back to K-FAC's, ``λ_A λ_Gᵀ``, in a new basis."""
-  if f.corrections is None:
-    return f
-  return f._replace(corrections=(f.a.eigvals[..., :, None]
-                                 * f.g.eigvals[..., None, :]).astype(
-                                     f.corrections.dtype))
+def _carried(old: LayerFactors, new: LayerFactors) -> LayerFactors:
+  """EK-FAC's averaged eigenvalues, carried into the refreshed basis: the
+  diagonal of ``U_old diag(s) U_oldᵀ`` in ``U_new``, ``(Q_A ∘ Q_A) s (Q_G ∘
+  Q_G)ᵀ`` with ``Q = U_newᵀ U_old`` (exact for a Kronecker ``Q``)."""
+  if old.corrections is None:
+    return new
+  dtype = compute_dtype(old.weight.dtype)
+  squared = lambda o, n: jnp.square(jnp.matmul(
+      n.eigvecs.T.astype(dtype), o.eigvecs.astype(dtype), precision=HI))
+  s = old.corrections.astype(dtype)
+  if old.a.eigvecs.ndim == 2:  # else a diagonal A: its basis never turns
+    s = jnp.matmul(squared(old.a, new.a), s, precision=HI)
+  s = jnp.matmul(s, squared(old.g, new.g).T, precision=HI)
+  return new._replace(corrections=s.astype(old.corrections.dtype))
 
 
 def solve(f: LayerFactors, grad: jax.Array, damping: Any) -> jax.Array:
@@ -367,7 +379,8 @@ def solve(f: LayerFactors, grad: jax.Array, damping: Any) -> jax.Array:
     basis = (f.a.eigvecs, f.g.eigvecs)
     lam = jnp.asarray(layer_damping(f, damping), dtype)
     coords = _linalg.apply_all(basis, w, transpose=True)
-    return _linalg.apply_all(basis, coords / (f.corrections + lam))
+    return _linalg.apply_all(basis, coords / (f.corrections / _weight(f)
+                                              + lam))
   f, v = jax.tree.map(lambda x: x.astype(dtype), (f, grad.reshape(-1)))
   if isinstance(f.a, EighFactor):
     decomposition = KronEigh((f.a.eigvals, f.g.eigvals),

@@ -246,11 +246,12 @@ def scale_by_kfac(
       matmuls a layer); ``False``: the π-corrected split, whose cached damped
       inverses cost two.
     eigenvalue_correction: EK-FAC (George et al. 2018): in the same
-      eigenbases, the eigenvalues ``λ_A λ_Gᵀ`` are replaced by a moving
-      average (``decay``, every ``factor_every`` steps) of each batch's mean
-      squared per-example gradient, reset to ``λ_A λ_Gᵀ`` when the basis is
-      refreshed; ``(s + λ)⁻¹`` there, damping always exact. Needs the tapes
-      as ``curvature`` (not blocks) and layers outside ``nn.scan`` stacks.
+      eigenbases, the eigenvalues ``λ_A λ_Gᵀ`` are replaced by a
+      bias-corrected moving average (``decay``, every ``factor_every``
+      steps) of each batch's mean squared per-example gradient, carried into
+      each refreshed basis (the diagonal of the old approximation there);
+      ``(s + λ)⁻¹`` there, damping always exact. Needs the tapes as
+      ``curvature`` (not blocks) and layers outside ``nn.scan`` stacks.
     norm_constraint: ``c``, a bound on the step's squared Fisher norm, or
       ``None``; needs ``learning_rate``.
     learning_rate: the learning rate (float or schedule) that the chain

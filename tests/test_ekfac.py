@@ -2,10 +2,11 @@
 
 References: the update is ``U (diag(s) + λI)⁻¹ Uᵀ vec(Γ)`` with ``U = U_A ⊗
 U_G`` from ``jnp.linalg.eigh`` of the bias-corrected averaged blocks, and
-``s`` the moving average of ``mean_n (Uᵀ vec ∇ℓ_n)²`` (``∇ℓ_n`` from
-``jax.vmap(jax.grad)`` of each example's loss, empirical Fisher), reset to
-``λ_A ⊗ λ_G`` whenever the basis is refreshed (George et al. 2018); the dense
-solve is ``jnp.linalg.solve``. Layers whose per-example gradients
+``s`` the bias-corrected moving average of ``mean_n (Uᵀ vec ∇ℓ_n)²``
+(``∇ℓ_n`` from ``jax.vmap(jax.grad)`` of each example's loss, empirical
+Fisher; George et al. 2018), carried into each refreshed basis as the
+diagonal of the old dense ``U diag(s) Uᵀ`` there; the dense solve is
+``jnp.linalg.solve``. Layers whose per-example gradients
 ``test_curvature`` checks through ``fit_curvature`` (embeddings, attention,
 tied heads, the exact Fisher) are compared with it.
 """
@@ -78,10 +79,11 @@ def test_one_step_is_the_dense_solve_of_the_squared_per_example_gradients(
                  grads["LayerNorm_0"])
 
 
-def test_moving_average_reset_at_each_refresh_over_four_steps():
-  # β = 0.5, a refresh every 2 steps: s is reset to λ_A λ_Gᵀ of the new
-  # bias-corrected averages, then averaged with the batch's squares in the
-  # basis of the last refresh; between refreshes the basis stays.
+def test_moving_average_carried_into_each_new_basis_over_four_steps():
+  # β = 0.5, a refresh every 2 steps. s is a bias-corrected moving average
+  # (accumulator S, weight 1 − β^k) of the batches' squares in the basis of
+  # the last refresh; a refresh replaces S by the diagonal of the old
+  # U diag(S) Uᵀ in the new basis (built densely here).
   beta = 0.5
   model, x, y = data("mlp", n=24, seed=1)
   params = _init(model, x)
@@ -90,8 +92,9 @@ def test_moving_average_reset_at_each_refresh_over_four_steps():
   tx = _tx(decay=beta, inverse_every=2)
   state = tx.init(params)
   layers = find_layers(params)
-  acc = {k: None for k in layers}
-  basis, s = {}, {}
+  acc = {k: (0.0, 0.0) for k in layers}
+  basis = {k: jnp.eye(np.prod(s.factor_sizes)) for k, s in layers.items()}
+  big_s = {k: jnp.zeros(np.prod(s.factor_sizes)) for k, s in layers.items()}
   for step in range(4):
     xb, yb = x[6 * step:6 * step + 6], y[6 * step:6 * step + 6]
     _, grads, tape = tape_fn(params, xb, yb)
@@ -100,13 +103,15 @@ def test_moving_average_reset_at_each_refresh_over_four_steps():
     weight = 1 - beta ** (step + 1)
     for key, spec in layers.items():
       block = kronjax.fisher_blocks(tape)[spec.path].factors
-      old = acc[key] or (0.0, 0.0)
-      acc[key] = tuple(beta * o + (1 - beta) * f for o, f in zip(old, block))
+      acc[key] = tuple(beta * o + (1 - beta) * f
+                       for o, f in zip(acc[key], block))
       if step % 2 == 0:
-        s[key], basis[key] = _basis(*(m / weight for m in acc[key]))
+        old = (basis[key] * big_s[key]) @ basis[key].T
+        basis[key] = _basis(*(m / weight for m in acc[key]))[1]
+        big_s[key] = jnp.diag(basis[key].T @ old @ basis[key])
       squares = jnp.mean((per_example[key] @ basis[key]) ** 2, axis=0)
-      s[key] = beta * s[key] + (1 - beta) * squares
-      want = _dense_update(basis[key], s[key],
+      big_s[key] = beta * big_s[key] + (1 - beta) * squares
+      want = _dense_update(basis[key], big_s[key] / weight,
                            _wbar(_get(grads, spec.path)).reshape(-1))
       np.testing.assert_allclose(
           _wbar(_get(updates, spec.path)).reshape(-1), want, rtol=1e-7,
