@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kronjax import _batch, _distributed, _factors, _params, _trees, losses
+from kronjax import (_batch, _damping, _distributed, _factors, _params, _trees,
+                     losses)
 
 DAMPING_BOUNDS = (1e-5, 1e3)  # (min, max) of the adapted λ
 INTERVAL = 5  # the default T of Levenberg–Marquardt
@@ -134,9 +135,9 @@ def norm_constraint_scale(fisher_norm_sq: jax.Array,
 
 def initial_damping(factors: dict, dtype: Any) -> jax.Array:
   """``INITIAL · mean_l (tr Ā_l / d_A)(tr Ḡ_l / d_G)``: the first λ, relative
-  to the curvature's scale (``_factors.DAMPING`` if that is zero)."""
-  scale = jnp.mean(_factors.scales(factors)).astype(dtype)  # stacks: by layer
-  return jnp.where(scale > 0, INITIAL * scale, _factors.DAMPING).astype(dtype)
+  to the curvature's scale (``_damping.DAMPING`` if that is zero)."""
+  scale = jnp.mean(_damping.scales(factors)).astype(dtype)  # stacks: by layer
+  return jnp.where(scale > 0, INITIAL * scale, _damping.DAMPING).astype(dtype)
 
 
 def levenberg_marquardt(damping: jax.Array, rho: jax.Array, interval: Any,

@@ -38,7 +38,8 @@ a factorisation and its application):
     \\operatorname{vec}(Γ), \\qquad U = U_A \\otimes U_G.
 
 ``Γ`` is the gradient of ``W̄`` (kernel rows, then the bias row); ``A ⊗ G`` is
-never formed. ``λ`` is a number, or :class:`Relative` to each layer's scale.
+never formed. ``λ`` is a number, or relative to each layer's scale
+(``kronjax._damping``).
 
 References:
   Martens & Grosse 2015, Optimizing neural networks with Kronecker-factored
@@ -53,9 +54,10 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from kronjax import _distributed, _params, _per_example
+from kronjax import _distributed, _ekfac, _params
+from kronjax._damping import (average as _ema, layer_damping,
+                              shifts as _shifts, weight as _weight)
 from kronjax.blocks import check_state, checked as checked_blocks
 from kronjax._params import LayerSpec, compute_dtype, map_layers
 from kronjax.linalg import Kron, KronEigh
@@ -110,17 +112,6 @@ class Settings(NamedTuple):
     return self.exact_damping or self.eigenvalue_correction
 
 
-HI = jax.lax.Precision.HIGHEST
-DAMPING = 1e-3  # λ where a relative damping has no scale (zero factors)
-
-
-class Relative(NamedTuple):
-  """``λ_l = value · (tr Ā_l / d_A)(tr Ḡ_l / d_G)``: damping relative to each
-  layer's curvature (mean eigenvalues of its averaged factors)."""
-
-  value: Any
-
-
 def _init_factor(d: int, diagonal: bool, dtype: Any, exact: bool,
                  stack: tuple[int, ...] = ()) -> Factor:
   shape = stack + ((d,) if diagonal else (d, d))
@@ -146,7 +137,7 @@ def init(params: Any, layers: dict[str, LayerSpec],
   if settings.layers is not None:
     _params.check_given(params, layers)
   if settings.eigenvalue_correction:
-    _check_ekfac(layers, settings)
+    _ekfac.check(layers, settings.placement)
   factors = {}
   for key, spec in layers.items():
     d_a, d_g = spec.factor_sizes
@@ -166,20 +157,6 @@ def init(params: Any, layers: dict[str, LayerSpec],
   return factors
 
 
-def _check_ekfac(layers: dict[str, LayerSpec], settings: Settings) -> None:
-  stacked = [k for k, spec in layers.items() if spec.stack]
-  if stacked:
-    raise ValueError(
-        f"eigenvalue_correction=True: layers {stacked} are stacks of layers "
-        "(nn.scan) whose tapes hold summed statistics only, and EK-FAC needs "
-        "per-example gradients. Use K-FAC (eigenvalue_correction=False), or "
-        "unroll the stack.")
-  if settings.placement is not None:
-    raise ValueError("eigenvalue_correction=True cannot place its factors "
-                     "over devices yet: leave placement=None (the factors "
-                     "are then replicated, and the step data-parallel).")
-
-
 def update(f: LayerFactors, a: jax.Array, g: jax.Array,
            decay: Any) -> LayerFactors:
   """One step of the moving averages, tracking their accumulated weight.
@@ -197,103 +174,6 @@ def update(f: LayerFactors, a: jax.Array, g: jax.Array,
     return side._replace(ema=step(side.ema, new))
 
   return f._replace(a=ema(f.a, a), g=ema(f.g, g), weight=step(f.weight, 1))
-
-
-def batch_corrections(entry: Any, path: Any, f: LayerFactors) -> jax.Array:
-  """EK-FAC's estimate from one batch's tape: ``mean_n Σ_s (U_Aᵀ ∇_n
-  U_G)²``, ``∇_n`` the per-example gradient of ``W̄`` (positions summed),
-  in the current eigenbasis (``kronjax._per_example``)."""
-  uses = _per_example.layer_uses(entry, path, "eigenvalue_correction=True")
-  dtype = compute_dtype(f.weight.dtype)
-  ua, ug = f.a.eigvecs.astype(dtype), f.g.eigvecs.astype(dtype)
-  uses = [u._replace(rows=u.rows if u.ids else u.rows.astype(dtype),
-                     cols=u.cols.astype(dtype)) for u in uses]
-  n = uses[0].cols.shape[1]
-  return _per_example.eigenbasis_squares(uses, f.a.ema.shape[-1], ua,
-                                         ug) / n
-
-
-def update_corrections(f: LayerFactors, new: jax.Array,
-                       decay: Any) -> LayerFactors:
-  """One step of EK-FAC's moving average ``s ← β s + (1 − β) ŝ`` (an
-  accumulator: steps with the factors', so ``s / weight`` is unbiased)."""
-  decay = jnp.asarray(decay, new.dtype)
-  return f._replace(corrections=(decay * f.corrections.astype(new.dtype) + (
-      1 - decay) * new).astype(f.corrections.dtype))
-
-
-def _ema(f: LayerFactors, side: str) -> jax.Array:
-  return getattr(f, side).ema.astype(compute_dtype(f.weight.dtype))
-
-
-def _weight(f: LayerFactors) -> jax.Array:
-  return jnp.where(f.weight > 0, f.weight, 1).astype(
-      compute_dtype(f.weight.dtype))
-
-
-def _members(factors: dict[str, LayerFactors]):
-  """Each layer's first index and count in a vector over all layers (a
-  stack's members one by one), and the vector's length."""
-  sizes = {key: f.weight.size for key, f in factors.items()}
-  return dict(zip(sizes, np.cumsum([0, *sizes.values()]))), sizes, sum(
-      sizes.values())
-
-
-def _resolved(factors: dict[str, LayerFactors], damping: Any):
-  """``(π, λ, weight)`` of every layer member, as vectors: all traces in
-  one reduction, the arithmetic on vectors (not a few kernels per layer).
-
-  ``π = sqrt((tr A / d_A) / (tr G / d_G))`` (1 if either is 0); ``λ`` is
-  ``damping``, or if :class:`Relative` ``value · (tr Ā/d_A)(tr Ḡ/d_G)`` of
-  the bias-corrected averages (``DAMPING`` where that is 0).
-  """
-  offsets, sizes, total = _members(factors)
-  diagonals, segments = [], []
-  for key, f in factors.items():
-    for side in "ag":  # segments: a layer's A members, then its G members
-      ema, d = _ema(f, side), getattr(f, side).ema.shape[-1]
-      diagonals.append((ema if ema.ndim == f.weight.ndim + 1 else ema.reshape(
-          ema.shape[:-2] + (d * d,))[..., ::d + 1]).reshape(-1) / d)
-      segments.append(np.repeat(np.arange(sizes[key]) + 2 * offsets[key]
-                                + (side == "g") * sizes[key], d))
-  means = jax.ops.segment_sum(jnp.concatenate(diagonals),
-                              np.concatenate(segments), 2 * total)
-  first = np.concatenate([2 * offsets[k] + np.arange(n)
-                          for k, n in sizes.items()])
-  mean_a, mean_g = means[first], means[first + np.repeat(
-      list(sizes.values()), list(sizes.values()))]
-  weight = jnp.concatenate([_weight(f).reshape(-1) for f in factors.values()])
-  ok = (mean_a > 0) & (mean_g > 0)
-  pi = jnp.sqrt(jnp.where(ok, mean_a, 1) / jnp.where(ok, mean_g, 1))
-  if isinstance(damping, Relative):
-    scale = mean_a * mean_g / weight**2
-    damping = jnp.where(scale > 0, damping.value * scale, DAMPING)
-  return pi, jnp.broadcast_to(jnp.asarray(damping, means.dtype),
-                              (total,)), weight
-
-
-def scales(factors: dict[str, LayerFactors]) -> jax.Array:
-  """``(tr Ā / d_A)(tr Ḡ / d_G)`` of every layer member (a vector)."""
-  return _resolved(factors, Relative(1.0))[1]
-
-
-def layer_damping(f: LayerFactors, damping: Any) -> Any:
-  """``λ`` of one layer: ``damping``, or resolved if :class:`Relative`."""
-  if not isinstance(damping, Relative):
-    return damping
-  return _resolved({0: f}, damping)[1].reshape(f.weight.shape)
-
-
-def _shifts(factors: dict[str, LayerFactors], dense: list,
-            damping: Any) -> jax.Array:
-  """The π-split's shifts times the weights, ``π√λ w`` for A, ``√λ w / π``
-  for G, of each ``(key, side)`` in ``dense``, members flattened."""
-  offsets, sizes, total = _members(factors)
-  pi, lam, weight = _resolved(factors, damping)
-  root = jnp.sqrt(lam) * weight
-  shifts = jnp.concatenate([pi * root, root / pi])  # all A's, then all G's
-  return shifts[np.concatenate([offsets[k] + np.arange(sizes[k])
-                                + (s == "g") * total for k, s in dense])]
 
 
 def _stored(factor: Factor, result: Any, weight: jax.Array) -> Factor:
@@ -347,24 +227,9 @@ def refresh_all(factors: dict[str, LayerFactors],
     results = _linalg.damped_inverses(emas, _shifts(factors, dense, damping))
   for (key, side), result, w in zip(dense, results, weights):
     new[key][side] = _stored(getattr(factors[key], side), result, w)
-  return {key: _carried(f, f._replace(**new[key]))
+  return {key: f._replace(**new[key]) if f.corrections is None
+          else _ekfac.carried(f, f._replace(**new[key]))
           for key, f in factors.items()}
-
-
-def _carried(old: LayerFactors, new: LayerFactors) -> LayerFactors:
-  """EK-FAC's averaged eigenvalues, carried into the refreshed basis: the
-  diagonal of ``U_old diag(s) U_oldᵀ`` in ``U_new``, ``(Q_A ∘ Q_A) s (Q_G ∘
-  Q_G)ᵀ`` with ``Q = U_newᵀ U_old`` (exact for a Kronecker ``Q``)."""
-  if old.corrections is None:
-    return new
-  dtype = compute_dtype(old.weight.dtype)
-  squared = lambda o, n: jnp.square(jnp.matmul(
-      n.eigvecs.T.astype(dtype), o.eigvecs.astype(dtype), precision=HI))
-  s = old.corrections.astype(dtype)
-  if old.a.eigvecs.ndim == 2:  # else a diagonal A: its basis never turns
-    s = jnp.matmul(squared(old.a, new.a), s, precision=HI)
-  s = jnp.matmul(s, squared(old.g, new.g).T, precision=HI)
-  return new._replace(corrections=s.astype(old.corrections.dtype))
 
 
 def solve(f: LayerFactors, grad: jax.Array, damping: Any) -> jax.Array:
@@ -374,13 +239,8 @@ def solve(f: LayerFactors, grad: jax.Array, damping: Any) -> jax.Array:
   their :func:`compute_dtype`.
   """
   dtype = compute_dtype(f.weight.dtype)
-  if f.corrections is not None:  # EK-FAC: divide in the eigenbasis
-    f, w = jax.tree.map(lambda x: x.astype(dtype), (f, grad))
-    basis = (f.a.eigvecs, f.g.eigvecs)
-    lam = jnp.asarray(layer_damping(f, damping), dtype)
-    coords = _linalg.apply_all(basis, w, transpose=True)
-    return _linalg.apply_all(basis, coords / (f.corrections / _weight(f)
-                                              + lam))
+  if f.corrections is not None:
+    return _ekfac.solve(f, grad, damping)
   f, v = jax.tree.map(lambda x: x.astype(dtype), (f, grad.reshape(-1)))
   if isinstance(f.a, EighFactor):
     decomposition = KronEigh((f.a.eigvals, f.g.eigvals),
@@ -456,25 +316,6 @@ def precondition(grads: Any, covered: dict[str, LayerSpec],
   return map_layers(layer, grads, covered)
 
 
-def _corrections_fn(curvature: dict, settings: Settings) -> Callable:
-  """EK-FAC's update of the corrections from this batch's tapes."""
-  given = [p for p, entry in curvature.items() if isinstance(entry, Kron)]
-  if given:
-    raise ValueError(
-        f"eigenvalue_correction=True needs this batch's tapes (curvature="
-        f"tape), but curvature holds Kron blocks (layer {given[0]}): EK-FAC's "
-        "eigenvalues come from per-example gradients, which blocks no "
-        "longer hold.")
-  paths = {_params.layer_key(p): p for p in curvature}
-
-  def corrections_fn(fs):
-    return {k: update_corrections(f, batch_corrections(
-        curvature[paths[k]], paths[k], f), settings.decay)
-            for k, f in fs.items()}
-
-  return corrections_fn
-
-
 def precondition_step(grads: Any, factors: dict[str, LayerFactors],
                       curvature: Any, settings: Settings, count: jax.Array,
                       damping: Any, finite: Any = True):
@@ -495,8 +336,8 @@ def precondition_step(grads: Any, factors: dict[str, LayerFactors],
       factors, blocks_fn, keys, layers, settings, damping,
       finite & (count % settings.factor_every == 0),
       finite & (count % settings.inverse_every == 0),
-      _corrections_fn(curvature, settings) if settings.eigenvalue_correction
-      else None)
+      _ekfac.updater(curvature, settings.decay)
+      if settings.eigenvalue_correction else None)
   covered = {key: layers[key] for key in keys}
   _params.check_covered(grads, layers, covered, settings)
   return (precondition(grads, covered, factors, damping, settings.placement),

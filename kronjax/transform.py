@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import optax
 from optax import GradientTransformationExtraArgs, ScalarOrSchedule
 
-from kronjax import (_adaptive, _batch, _distributed, _factors, _params,
-                     _trees)
+from kronjax import (_adaptive, _batch, _damping, _distributed, _factors,
+                     _params, _trees)
 from kronjax._adaptive import AdaptiveKfacState
 from kronjax._params import LayerSpec, layer_leaves, map_layers, param_labels
 
@@ -119,8 +119,7 @@ def skip_non_finite(
 
 
 def _settings(decay, factor_every, inverse_every, exact_damping, factor_dtype,
-              placement, layers, routed=False,
-              eigenvalue_correction=False) -> _factors.Settings:
+              placement, layers, routed=False, eigenvalue_correction=False):
   for name, period in (("factor_every", factor_every),
                        ("inverse_every", inverse_every)):
     # An int, or (under optax.inject_hyperparams) an integer array.
@@ -134,7 +133,7 @@ def _settings(decay, factor_every, inverse_every, exact_damping, factor_dtype,
 
 
 def _relative(damping: Any) -> Any:
-  return _factors.Relative(RELATIVE_DAMPING) if damping is None else damping
+  return _damping.Relative(RELATIVE_DAMPING) if damping is None else damping
 
 
 def _value(x: ScalarOrSchedule, count: jax.Array) -> Any:
@@ -245,13 +244,9 @@ def scale_by_kfac(
     exact_damping: ``A ⊗ G + λI`` exactly, in the factors' eigenbases (four
       matmuls a layer); ``False``: the π-corrected split, whose cached damped
       inverses cost two.
-    eigenvalue_correction: EK-FAC (George et al. 2018): in the same
-      eigenbases, the eigenvalues ``λ_A λ_Gᵀ`` are replaced by a
-      bias-corrected moving average (``decay``, every ``factor_every``
-      steps) of each batch's mean squared per-example gradient, carried into
-      each refreshed basis (the diagonal of the old approximation there);
-      ``(s + λ)⁻¹`` there, damping always exact. Needs the tapes as
-      ``curvature`` (not blocks) and layers outside ``nn.scan`` stacks.
+    eigenvalue_correction: EK-FAC (``kronjax._ekfac``): ``λ_A λ_Gᵀ`` in the
+      eigenbases replaced by a moving average of the squared per-example
+      gradients there; damping exact. Needs tapes as ``curvature``.
     norm_constraint: ``c``, a bound on the step's squared Fisher norm, or
       ``None``; needs ``learning_rate``.
     learning_rate: the learning rate (float or schedule) that the chain
@@ -274,8 +269,8 @@ def scale_by_kfac(
     :func:`skip_non_finite`) and ignores other keyword arguments.
   """
   settings = _settings(decay, factor_every, inverse_every, exact_damping,
-                       factor_dtype, placement, layers,
-                       eigenvalue_correction=eigenvalue_correction)
+                       factor_dtype, placement, layers, False,
+                       eigenvalue_correction)
   return skip_non_finite(_preconditioner(settings, _relative(damping),
                                          norm_constraint, learning_rate))
 
@@ -311,16 +306,11 @@ def scale_by_adaptive_kfac(
     loss: the model's ``kronjax.losses`` negative log-likelihood.
     damping: the initial ``λ``; ``None``: 0.1 × the mean over layers of
       ``(tr Ā_l / d_A)(tr Ḡ_l / d_G)`` at the first step.
-    decay: see :func:`scale_by_kfac`.
-    factor_every: see :func:`scale_by_kfac`.
-    inverse_every: see :func:`scale_by_kfac`.
-    exact_damping: see :func:`scale_by_kfac`.
-    eigenvalue_correction: EK-FAC, see :func:`scale_by_kfac`.
+    decay, factor_every, inverse_every, exact_damping,
+      eigenvalue_correction: see :func:`scale_by_kfac`.
     norm_constraint: ``c``, a bound on ``dᵀFd``, or ``None``.
     damping_adaptation_interval: ``T`` of Levenberg–Marquardt (a static int).
-    factor_dtype: see :func:`scale_by_kfac`.
-    placement: see :func:`scale_by_kfac`.
-    layers: see :func:`scale_by_kfac`.
+    factor_dtype, placement, layers: see :func:`scale_by_kfac`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs
@@ -331,8 +321,8 @@ def scale_by_adaptive_kfac(
     as in :func:`scale_by_kfac`.
   """
   settings = _settings(decay, factor_every, inverse_every, exact_damping,
-                       factor_dtype, placement, layers,
-                       eigenvalue_correction=eigenvalue_correction)
+                       factor_dtype, placement, layers, False,
+                       eigenvalue_correction)
   return skip_non_finite(_adaptive.adaptive_step(
       loss, damping, norm_constraint, damping_adaptation_interval, settings))
 
@@ -370,15 +360,11 @@ def kfac(
     damping: ``λ`` (fixed step: float or schedule), or the adaptive step's
       initial ``λ``; ``None``: relative to the curvature's scale (see
       :func:`scale_by_kfac` and :func:`scale_by_adaptive_kfac`).
-    decay: see :func:`scale_by_kfac`.
-    factor_every: see :func:`scale_by_kfac`.
-    inverse_every: see :func:`scale_by_kfac`.
-    eigenvalue_correction: EK-FAC instead of K-FAC (see
-      :func:`scale_by_kfac`); pass the tapes as ``curvature``.
+    decay, factor_every, inverse_every, eigenvalue_correction: see
+      :func:`scale_by_kfac`.
     norm_constraint: a bound on the step's squared Fisher norm (KL clipping).
     fallback: the optimizer of the parameters outside layers.
-    factor_dtype: see :func:`scale_by_kfac`.
-    placement: see :func:`scale_by_kfac`.
+    factor_dtype, placement: see :func:`scale_by_kfac`.
     layers: see :func:`scale_by_kfac`. Every layer must get a block in each
       update's ``curvature`` (else a ``ValueError``): parameters of layers
       the tape function does not tap go to ``fallback``.

@@ -39,9 +39,12 @@ def test_no_module_is_over_400_lines():
 
 @pytest.mark.parametrize("factory", [kronjax.kfac, kronjax.scale_by_kfac,
                                      kronjax.scale_by_adaptive_kfac])
-def test_factories_take_at_most_eleven_mostly_keyword_only_options(factory):
+def test_factories_take_at_most_twelve_mostly_keyword_only_options(factory):
   params = inspect.signature(factory).parameters.values()
-  assert len(params) <= 11  # ten options and the layers
+  # Eleven options (EK-FAC's eigenvalue_correction the last added) and the
+  # layers; the next option should merge exact_damping and
+  # eigenvalue_correction into one choice of solve.
+  assert len(params) <= 12
   positional = [p for p in params if p.kind is not p.KEYWORD_ONLY]
   assert len(positional) == 1, positional
 
@@ -81,7 +84,7 @@ class _Mlp(nn.Module):
     return nn.Dense(10)(jnp.tanh(nn.Dense(32)(nn.Conv(4, (3,))(x)).mean(1)))
 
 
-def test_an_adaptive_train_step_runs_code_from_at_most_twelve_files():
+def test_an_adaptive_train_step_runs_code_from_at_most_thirteen_files():
   model, loss = _Mlp(), kronjax.losses.softmax_cross_entropy
   x, y = jnp.ones((8, 5, 3)), jnp.arange(8) % 10
   params = model.init(jax.random.key(0), x)["params"]
@@ -110,5 +113,7 @@ def test_an_adaptive_train_step_runs_code_from_at_most_twelve_files():
   finally:
     sys.setprofile(None)
   # 11: the tape's batch (_batch.py); 12: whole-tree reductions compiled as
-  # one operation (_trees.py)
-  assert len(files) <= 12, sorted(files)
+  # one operation (_trees.py); 13: every layer's damping and π at once
+  # (_damping.py, out of _factors.py when EK-FAC took it over 400 lines).
+  # EK-FAC's _ekfac.py runs only when it is asked for.
+  assert len(files) <= 13, sorted(files)
