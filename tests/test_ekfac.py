@@ -92,14 +92,17 @@ def test_moving_average_carried_into_each_new_basis_over_four_steps():
   tx = _tx(decay=beta, inverse_every=2)
   state = tx.init(params)
   layers = find_layers(params)
+  update = jax.jit(tx.update)
+  per_example_fn = jax.jit(lambda p, xb, yb: per_example_grads(model, p, xb,
+                                                               yb))
   acc = {k: (0.0, 0.0) for k in layers}
   basis = {k: jnp.eye(np.prod(s.factor_sizes)) for k, s in layers.items()}
   big_s = {k: jnp.zeros(np.prod(s.factor_sizes)) for k, s in layers.items()}
   for step in range(4):
     xb, yb = x[6 * step:6 * step + 6], y[6 * step:6 * step + 6]
     _, grads, tape = tape_fn(params, xb, yb)
-    updates, state = jax.jit(tx.update)(grads, state, params, curvature=tape)
-    per_example = per_example_grads(model, params, xb, yb)
+    updates, state = update(grads, state, params, curvature=tape)
+    per_example = per_example_fn(params, xb, yb)
     weight = 1 - beta ** (step + 1)
     for key, spec in layers.items():
       block = kronjax.fisher_blocks(tape)[spec.path].factors
