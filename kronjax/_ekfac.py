@@ -24,14 +24,13 @@ import jax.numpy as jnp
 
 from kronjax import _damping, _per_example
 from kronjax._params import LayerSpec, compute_dtype, layer_key
+from kronjax._per_example import HI
 from kronjax.linalg import Kron
 from kronjax.linalg import _factors as _linalg
 
-HI = jax.lax.Precision.HIGHEST
 
-
-def check(layers: dict[str, LayerSpec], placement: Any) -> None:
-  """Raises for layouts EK-FAC cannot keep: stacks, placed factors."""
+def refuse_stacks(layers: dict[str, LayerSpec]) -> None:
+  """Raises if any layer is a stack (``nn.scan``): its tape is summed."""
   stacked = [k for k, spec in layers.items() if spec.stack]
   if stacked:
     raise ValueError(
@@ -39,6 +38,11 @@ def check(layers: dict[str, LayerSpec], placement: Any) -> None:
         "(nn.scan) whose tapes hold summed statistics only, and EK-FAC needs "
         "per-example gradients. Use K-FAC (eigenvalue_correction=False), or "
         "unroll the stack.")
+
+
+def check(layers: dict[str, LayerSpec], placement: Any) -> None:
+  """Raises for layouts EK-FAC cannot keep: stacks, placed factors."""
+  refuse_stacks(layers)
   if placement is not None:
     raise ValueError("eigenvalue_correction=True cannot place its factors "
                      "over devices yet: leave placement=None (the factors "

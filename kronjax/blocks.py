@@ -262,6 +262,11 @@ def checked(curvature: Any, layers: dict[str, LayerSpec],
   return blocks_fn, list(keys)
 
 
+def _solve_kind(eigenbases: bool, corrections: bool) -> str:
+  return ("EK-FAC" if corrections else "exact damping" if eigenbases
+          else "the π-split")
+
+
 def check_state(factors: dict[str, Any], layers, keys, settings: Any) -> None:
   """Raises if the K-FAC state was made for another damping or layout (a
   placement pads and splits the stored factors)."""
@@ -270,12 +275,8 @@ def check_state(factors: dict[str, Any], layers, keys, settings: Any) -> None:
          else (lambda d: _distributed.stored_size(d, placement)))
   for key in keys:
     f, (d_a, d_g) = factors[key], layers[key].factor_sizes
-    made, want = (("EK-FAC" if ekfac else "exact damping" if exact
-                   else "the π-split")
-                  for exact, ekfac in ((hasattr(f.a, "eigvecs"),
-                                        f.corrections is not None),
-                                       (settings.eigenbases,
-                                        settings.eigenvalue_correction)))
+    made = _solve_kind(hasattr(f.a, "eigvecs"), f.corrections is not None)
+    want = _solve_kind(settings.eigenbases, settings.eigenvalue_correction)
     if made != want:
       raise ValueError(
           f"Layer {key}: the optimizer state holds factors for {made}, but "

@@ -54,7 +54,7 @@ from typing import Any, Callable, Iterable
 import jax
 import jax.numpy as jnp
 
-from kronjax import _per_example
+from kronjax import _ekfac, _per_example
 from kronjax._params import (LayerSpec, find_layers, float_dtype, layer_key,
                              map_layers, owner, tree_paths)
 from kronjax.blocks import WeightSharing, fisher_blocks
@@ -341,13 +341,7 @@ def fit_curvature(tape_fn: Callable, params: Any, batches: Iterable, *,
 def _corrected_eigenvalues(tape_fn, params, batches, rng, factors, specs,
                            total) -> dict[str, jax.Array]:
   """EK-FAC: ``mean_n Σ_s (U_Aᵀ G_{sn} U_G)²`` per layer, a second pass."""
-  stacked = [k for k, s in specs.items() if s.stack]
-  if stacked:
-    raise ValueError(
-        f"eigenvalue_correction=True: layers {stacked} are stacks of layers "
-        "(nn.scan) whose tapes hold summed statistics only; EK-FAC needs "
-        "per-example gradients. Fit K-FAC (eigenvalue_correction=False), or "
-        "unroll the stack.")
+  _ekfac.refuse_stacks(specs)
 
   squares_fn = _squares_fn(tape_fn, tuple(specs.items()))
   sums = None
