@@ -416,7 +416,7 @@ def check_placement():
   lam = jnp.float32(1e-3)
   want = jax.jit(_plain_refresh)(factors, lam)
   report = {}
-  for n in (4, 8):
+  for n in (8,):  # (4 as well cost 25 s of compiling for the same check)
     mesh = _mesh((n,), ("data",))
     placement, ran = Placement(mesh), []
 
@@ -546,9 +546,10 @@ def test_model_parallel_kernel_gives_the_same_steps():
       ("fixed", "adaptive", "fixed/sharded factors"), "P(None, 'model')")
 
 
-def test_placed_refresh_equals_the_loop_on_4_and_8_devices():
+def test_placed_refresh_equals_the_loop_on_8_devices():
+  # 4 devices: test_optimizer_with_inverse_mesh and the distributed example.
   report = _check("check_placement")
-  assert set(report) == {"4", "8"}
+  assert set(report) == {"8"}
 
 
 def test_optimizer_with_inverse_mesh():
