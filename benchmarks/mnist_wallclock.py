@@ -80,15 +80,15 @@ def run_one(name: str, budget: float, eval_every: float, seed: int) -> dict:
   jax.block_until_ready(held_out(params0))  # compiled outside the clock
   state = cfg.init(params0)
   jax.block_until_ready(state)
-  idx = ae.batch_indices(len(prob.train), 1, seed, BATCH)  # warm numpy
-  chunk = 2000
+  chunk = 2000  # steps per drawn block of batch indices and MC keys
   rng = np.random.default_rng(seed)
-  keys = jax.random.split(jax.random.key(seed + 1), chunk)
   curve = [dict(seconds=0.0, step=0, held_out=float(held_out(params0)))]
   clock, steps, first_step_s, last_eval = 0.0, 0, None, 0.0
   while clock < budget:
     idx = ae.batch_indices(len(prob.train), chunk, int(rng.integers(1 << 30)),
                            BATCH)
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(seed + 1),
+                                               steps), chunk)
     for i in range(chunk):
       x = train[idx[i]]
       jax.block_until_ready(x)  # the batch gather is outside the clock
@@ -127,8 +127,11 @@ def value_at(curve: list[dict], seconds: float) -> float | None:
 
 
 def report(res: dict) -> list[str]:
+  sys.path.insert(0, str(HERE))
+  import _autoencoder as ae
   budget, runs = res["budget"], res["runs"]
-  adam = {n: r for n, r in runs.items() if n.startswith("adam") and "curve" in r}
+  finite = lambda r: "curve" in r and not r.get("diverged")
+  adam = {n: r for n, r in runs.items() if n.startswith("adam") and finite(r)}
   best = min(adam, key=lambda n: adam[n]["curve"][-1]["held_out"])
   target = adam[best]["curve"][-1]["held_out"]
   lines = [
@@ -138,7 +141,8 @@ def report(res: dict) -> list[str]:
       f"budget {budget:g} s of training per optimizer from its first "
       f"(uncompiled) step, held-out loss on the 10,000 test images every "
       f"{res['eval_every']:g} s (the clock stopped while it is measured); "
-      "one fresh process per optimizer, run one after the other.", "",
+      "one fresh process per optimizer, run one after the other. "
+      + ae.source_line(dict(kronjax_source=res["kronjax_source"])), "",
       f"Target: the best Adam's held-out loss after {budget:g} s: "
       f"**{target:.2f}** ({best}).", "",
       "| optimizer | first step s | step ms | steps | held-out at "
@@ -190,7 +194,9 @@ def main(argv=None):
           "final held-out", r["curve"][-1]["held_out"] if "curve" in r else None,
           flush=True)
   import jax
-  res = dict(command=" ".join(["python", "benchmarks/mnist_wallclock.py"]
+  sys.path.insert(0, str(HERE))
+  import _autoencoder as ae
+  res = dict(kronjax_source=ae.kronjax_source(), command=" ".join(["python", "benchmarks/mnist_wallclock.py"]
                               + (argv or sys.argv[1:])),
              jax=jax.__version__, seconds=time.time() - start,
              openblas_threads=os.environ.get("OPENBLAS_NUM_THREADS", "unset"),
