@@ -40,6 +40,9 @@ import sys
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import _autoencoder as ae  # pylint: disable=wrong-import-position
+
 BATCH = 500
 ADAM_LRS = (3e-4, 1e-3, 3e-3)
 
@@ -55,8 +58,6 @@ def run_one(name: str, budget: float, eval_every: float, seed: int) -> dict:
   import jax.numpy as jnp
   import numpy as np
   import optax
-  sys.path.insert(0, str(HERE))
-  import _autoencoder as ae
   import mnist_autoencoder as mb
 
   prob = mb.load_problem()
@@ -110,7 +111,8 @@ def run_one(name: str, budget: float, eval_every: float, seed: int) -> dict:
       if clock >= budget:
         break
   return dict(curve=curve, first_step_s=first_step_s, steps=steps,
-              step_ms=1e3 * (clock - first_step_s) / max(steps - 1, 1))
+              step_ms=(1e3 * (clock - first_step_s) / (steps - 1)
+                       if steps > 1 else None))  # none after the first
 
 
 def first_at_or_below(curve: list[dict], target: float):
@@ -127,8 +129,6 @@ def value_at(curve: list[dict], seconds: float) -> float | None:
 
 
 def report(res: dict) -> list[str]:
-  sys.path.insert(0, str(HERE))
-  import _autoencoder as ae
   budget, runs = res["budget"], res["runs"]
   finite = lambda r: "curve" in r and not r.get("diverged")
   adam = {n: r for n, r in runs.items() if n.startswith("adam") and finite(r)}
@@ -155,8 +155,9 @@ def report(res: dict) -> list[str]:
     hit = first_at_or_below(r["curve"], target)
     half = value_at(r["curve"], budget / 2)
     lines.append(
-        f"| {n} | {r['first_step_s']:.1f} | {r.get('step_ms', float('nan')):.0f}"
-        f" | {r.get('steps', '—')} | {half:.2f} | "
+        f"| {n} | {r['first_step_s']:.1f} | "
+        + ("—" if r.get("step_ms") is None else f"{r['step_ms']:.0f}")
+        + f" | {r.get('steps', '—')} | {half:.2f} | "
         f"{r['curve'][-1]['held_out']:.2f} | "
         + (f"{hit['seconds']:.1f} (step {hit['step']})" if hit else "not reached")
         + " |")
@@ -194,11 +195,10 @@ def main(argv=None):
           "final held-out", r["curve"][-1]["held_out"] if "curve" in r else None,
           flush=True)
   import jax
-  sys.path.insert(0, str(HERE))
-  import _autoencoder as ae
-  res = dict(kronjax_source=ae.kronjax_source(), command=" ".join(["python", "benchmarks/mnist_wallclock.py"]
+  res = dict(command=" ".join(["python", "benchmarks/mnist_wallclock.py"]
                               + (argv or sys.argv[1:])),
-             jax=jax.__version__, seconds=time.time() - start,
+             kronjax_source=ae.kronjax_source(), jax=jax.__version__,
+             seconds=time.time() - start,
              openblas_threads=os.environ.get("OPENBLAS_NUM_THREADS", "unset"),
              budget=args.budget, eval_every=args.eval_every, runs=runs)
   out = args.out or HERE / "results"

@@ -46,8 +46,10 @@ DAMPING_BOUNDS = (1e-5, 1e3)  # (min, max) of the adapted λ
 INTERVAL = 5  # the default T of Levenberg–Marquardt
 REJECT = 1e-2  # a step is rejected if this batch's loss rises by more (relative):
 # 1e-4 rejected the MNIST autoencoder's plateau-escaping steps (206 vs 126)
-BOOST = (20 / 19) ** INTERVAL  # λ after a rejected step: as after a bad ρ (×10 cost
-# the MNIST autoencoder 45 steps on its plateau while λ came back down)
+# λ's factor after a rejected step: one Levenberg–Marquardt increase at the
+# default interval, whatever the interval (with 0, LM never raises λ). ×10
+# kept the MNIST autoencoder 45 steps on its plateau while λ came back down.
+BOOST = (20 / 19) ** INTERVAL
 MOMENTUM_MAX = 0.99  # μ is kept in [0, MOMENTUM_MAX]
 INITIAL = 0.1  # the default first λ, relative to the curvature's scale
 

@@ -416,68 +416,68 @@ def check_placement():
   lam = jnp.float32(1e-3)
   want = jax.jit(_plain_refresh)(factors, lam)
   report = {}
-  for n in (8,):  # (4 as well cost 25 s of compiling for the same check)
-    mesh = _mesh((n,), ("data",))
-    placement, ran = Placement(mesh), []
+  n = 8  # (4 devices as well cost 25 s of compiling for the same check)
+  mesh = _mesh((n,), ("data",))
+  placement, ran = Placement(mesh), []
 
-    def side_fn(f, side):
-      # Records (device, layer sizes, side) each time a branch really runs.
-      jax.debug.callback(
-          lambda i, a, g, s: ran.append((int(i), int(a), int(g), "ag"[s])),
-          jax.lax.axis_index("data"), f.a.ema.shape[0], f.g.ema.shape[0],
-          "ag".index(side))
-      return _factors.refresh_side(f, side, lam)
+  def side_fn(f, side):
+    # Records (device, layer sizes, side) each time a branch really runs.
+    jax.debug.callback(
+        lambda i, a, g, s: ran.append((int(i), int(a), int(g), "ag"[s])),
+        jax.lax.axis_index("data"), f.a.ema.shape[0], f.g.ema.shape[0],
+        "ag".index(side))
+    return _factors.refresh_side(f, side, lam)
 
-    @jax.jit
-    def under_cond(fs, now):
-      # As in the optimizer: inside jit, under the refresh's lax.cond.
-      placed = lambda fs: _distributed.refresh(fs, side_fn, placement, sizes)
-      return jax.lax.cond(now, placed, lambda fs: fs, fs)
+  @jax.jit
+  def under_cond(fs, now):
+    # As in the optimizer: inside jit, under the refresh's lax.cond.
+    placed = lambda fs: _distributed.refresh(fs, side_fn, placement, sizes)
+    return jax.lax.cond(now, placed, lambda fs: fs, fs)
 
-    got = under_cond(factors, True)
-    jax.effects_barrier()
-    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
-      np.testing.assert_array_equal(a, b)  # exact: the same decompositions
-    assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(got))
-    owners = _distributed.Plan(factors, n).owners
-    expected = sorted((i, *sizes[k], side) for (k, side), i in owners.items())
-    assert sorted(ran) == expected, (sorted(ran), expected)
-    # Each dense factor's eigh appears once in the program, in its owner's
-    # branch.
-    hlo = jax.jit(lambda fs: _distributed.refresh(
-        fs, lambda f, s: _factors.refresh_side(f, s, lam), placement,
-        sizes)).lower(factors).compile().as_text()
-    dense = sum(x.ema.ndim == 2 for f in factors.values() for x in (f.a, f.g))
-    assert len(re.findall(r"custom_call_target=\"\w*syevd", hlo)) == dense
-    # Results cross the network once: an all-gather, not a sum of zeros.
-    assert {op for op, _ in _collectives(hlo)} == {"all-gather"}, hlo
-    ran.clear()
-    skipped = under_cond(factors, False)
-    jax.effects_barrier()
-    assert not ran
-    for a, b in zip(jax.tree.leaves(factors), jax.tree.leaves(skipped)):
-      np.testing.assert_array_equal(a, b)
-    report[n] = {f"{k}/{side}": i for (k, side), i in owners.items()}
-    # Stored padded and split by rows: the same results, split by rows; both
-    # refreshes (eigenbases; the π-split's inverses, which read both traces).
-    split = Placement(mesh, sharded=True)
-    for fs in (factors, _random_factors(exact=False)):
-      fn = lambda f, s: _factors.refresh_side(f, s, 1e-2)
-      got = jax.jit(lambda fs, fn=fn: _distributed.refresh(
-          fs, fn, split, sizes))(_distributed.init(fs, split))
-      plain = jax.jit(lambda fs: _plain_refresh(fs, 1e-2))(fs)
-      rows = NamedSharding(mesh, P("data", None))
-      for k, f in got.items():
-        mine = _distributed._resize_layer(f, *sizes[k])
-        for a, b in zip(jax.tree.leaves(plain[k]), jax.tree.leaves(mine)):
-          # Another program: its Cholesky solves may round differently.
-          np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-        padded = _distributed._resize_layer(mine, f.a.ema.shape[0],
-                                            f.g.ema.shape[0])
-        for a, b in zip(jax.tree.leaves(padded), jax.tree.leaves(f)):
-          np.testing.assert_array_equal(a, b)  # the padding is as made
-        for x in (x for x in jax.tree.leaves(f) if x.ndim == 2):
-          assert x.sharding.is_equivalent_to(rows, 2), (k, x.sharding)
+  got = under_cond(factors, True)
+  jax.effects_barrier()
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b)  # exact: the same decompositions
+  assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(got))
+  owners = _distributed.Plan(factors, n).owners
+  expected = sorted((i, *sizes[k], side) for (k, side), i in owners.items())
+  assert sorted(ran) == expected, (sorted(ran), expected)
+  # Each dense factor's eigh appears once in the program, in its owner's
+  # branch.
+  hlo = jax.jit(lambda fs: _distributed.refresh(
+      fs, lambda f, s: _factors.refresh_side(f, s, lam), placement,
+      sizes)).lower(factors).compile().as_text()
+  dense = sum(x.ema.ndim == 2 for f in factors.values() for x in (f.a, f.g))
+  assert len(re.findall(r"custom_call_target=\"\w*syevd", hlo)) == dense
+  # Results cross the network once: an all-gather, not a sum of zeros.
+  assert {op for op, _ in _collectives(hlo)} == {"all-gather"}, hlo
+  ran.clear()
+  skipped = under_cond(factors, False)
+  jax.effects_barrier()
+  assert not ran
+  for a, b in zip(jax.tree.leaves(factors), jax.tree.leaves(skipped)):
+    np.testing.assert_array_equal(a, b)
+  report[n] = {f"{k}/{side}": i for (k, side), i in owners.items()}
+  # Stored padded and split by rows: the same results, split by rows; both
+  # refreshes (eigenbases; the π-split's inverses, which read both traces).
+  split = Placement(mesh, sharded=True)
+  for fs in (factors, _random_factors(exact=False)):
+    fn = lambda f, s: _factors.refresh_side(f, s, 1e-2)
+    got = jax.jit(lambda fs, fn=fn: _distributed.refresh(
+        fs, fn, split, sizes))(_distributed.init(fs, split))
+    plain = jax.jit(lambda fs: _plain_refresh(fs, 1e-2))(fs)
+    rows = NamedSharding(mesh, P("data", None))
+    for k, f in got.items():
+      mine = _distributed._resize_layer(f, *sizes[k])
+      for a, b in zip(jax.tree.leaves(plain[k]), jax.tree.leaves(mine)):
+        # Another program: its Cholesky solves may round differently.
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+      padded = _distributed._resize_layer(mine, f.a.ema.shape[0],
+                                          f.g.ema.shape[0])
+      for a, b in zip(jax.tree.leaves(padded), jax.tree.leaves(f)):
+        np.testing.assert_array_equal(a, b)  # the padding is as made
+      for x in (x for x in jax.tree.leaves(f) if x.ndim == 2):
+        assert x.sharding.is_equivalent_to(rows, 2), (k, x.sharding)
   # A 2-D mesh: place over both axes, or over one (the other repeats it).
   mesh = _mesh((4, 2), ("data", "model"))
   for axes in (("data", "model"), "model"):
