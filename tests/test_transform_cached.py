@@ -207,17 +207,19 @@ def test_a_concrete_with_tape_is_decided_when_tracing():
   assert traced.count(" cond[") == 1
 
 
-@pytest.mark.parametrize("indefinite", [False, True])
+@pytest.mark.parametrize("indefinite", [None, 2, 4])
 def test_factors_of_many_sizes_are_inverted_together_exactly(indefinite):
-  # Sizes that share a padded call (3 with 5, 60 with 64) and that do not
-  # (100, 130), a stack of two, and, when one is indefinite, the one
-  # fallback for all: eigenvalues clipped at 0.
+  # Sizes that share a padded call (3, 5, 60 and 64: the small group, by
+  # eigh) and that do not (100, 130: Cholesky), a stack of two, and one
+  # indefinite beyond any shift: in the small group (eigh clips it), or in
+  # a Cholesky group (which fails: the one fallback for both such groups).
+  # Either way eigenvalues are clipped at 0.
   rng = np.random.default_rng(4)
   sizes, stacks = [3, 5, 64, 60, 100, 130], [(), (2,), (), (), (), ()]
   ms = [np.stack([random_spd(rng, d) for _ in range(2)]) if s else
         random_spd(rng, d) for d, s in zip(sizes, stacks)]
-  if indefinite:
-    ms[2] = ms[2] - 2.0 * np.eye(64)  # beyond any shift: Cholesky fails
+  if indefinite is not None:
+    ms[indefinite] = ms[indefinite] - 2.0 * np.eye(sizes[indefinite])
   shifts = [rng.uniform(0.1, 1, size=s) for s in stacks]
   got = _linalg.damped_inverses([jnp.asarray(m) for m in ms], jnp.asarray(
       np.concatenate([np.reshape(s, -1) for s in shifts])))
