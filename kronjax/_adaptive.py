@@ -78,8 +78,12 @@ def quadratic_model(output_fn: Callable[[Any], jax.Array], loss: Any,
                     targets: Any, params: Any, grads: Any,
                     vectors: tuple[Any, Any], dtype: Any) -> QuadraticModel:
   """Builds :class:`QuadraticModel` from one linearisation of ``output_fn``."""
-  outputs, jvp = jax.linearize(output_fn, params)
-  jv = jax.vmap(jvp)(jax.tree.map(lambda *v: jnp.stack(v), *vectors))
+  # jvp, not linearize: the primal is computed once either way (it is not
+  # batched), but linearize's tangent pass recomputes the primal inside every
+  # jax.checkpoint (nn.remat) block, and its residuals take memory.
+  outputs, jv = jax.vmap(lambda v: jax.jvp(output_fn, (params,), (v,)),
+                         out_axes=(None, 0))(
+                             jax.tree.map(lambda *v: jnp.stack(v), *vectors))
   fjv = jax.vmap(lambda t: loss.fisher_vp(outputs, targets, t))(jv)
   fisher = jnp.einsum("i...,j...->ij", jv.astype(dtype), fjv.astype(dtype))
   fisher = (fisher + fisher.T) / (2 * loss.num_terms(targets).astype(dtype))
