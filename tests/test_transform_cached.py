@@ -209,11 +209,10 @@ def test_a_concrete_with_tape_is_decided_when_tracing():
 
 @pytest.mark.parametrize("indefinite", [None, 2, 4])
 def test_factors_of_many_sizes_are_inverted_together_exactly(indefinite):
-  # Sizes that share a padded call (3, 5, 60 and 64: the small group, by
-  # eigh) and that do not (100, 130: Cholesky), a stack of two, and one
-  # indefinite beyond any shift: in the small group (eigh clips it), or in
-  # a Cholesky group (which fails: the one fallback for both such groups).
-  # Either way eigenvalues are clipped at 0.
+  # Sizes that share a padded call (3, 5, 60 and 64) and that do not (100,
+  # 130), a stack of two, and one indefinite beyond any shift, in the padded
+  # group or alone: its Cholesky fails and the one fallback for all clips
+  # eigenvalues at 0.
   rng = np.random.default_rng(4)
   sizes, stacks = [3, 5, 64, 60, 100, 130], [(), (2,), (), (), (), ()]
   ms = [np.stack([random_spd(rng, d) for _ in range(2)]) if s else

@@ -183,23 +183,19 @@ def damped_inverse(m: jax.Array, shift: jax.Array) -> jax.Array:
   return jax.lax.cond(ok, lambda: inv, lambda: _eigh_inverse(m, shift))
 
 
-SMALL = 96  # matrices up to this size cost little however they are decomposed
-
-
 def _groups(sizes: Sequence[int], pad: bool) -> list[list[int]]:
   """Indices of matrices to decompose together, largest sizes first.
 
   Without ``pad`` a group holds equal sizes; with it, a size joins the
   group of a larger one when padding costs at most 1.5× its cubic work (or
-  the group's size is at most ``SMALL``: one group holds all those).
+  the group's size is at most 96: such matrices cost little at any size).
   """
   order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
   groups: list[list[int]] = []
   for i in order:
     if groups:
       top = sizes[groups[-1][0]]
-      if top == sizes[i] or pad and (top <= SMALL
-                                     or top**3 <= 1.5 * sizes[i]**3):
+      if top == sizes[i] or pad and (top <= 96 or top**3 <= 1.5 * sizes[i]**3):
         groups[-1].append(i)
         continue
     groups.append([i])
@@ -235,16 +231,13 @@ def _split(out: jax.Array, members: list[int], shapes: list[tuple[int, ...]],
 def damped_inverses(ms: Sequence[jax.Array],
                     shifts: jax.Array) -> list[jax.Array]:
   """``(M_i + s_i I)⁻¹`` for many PSD ``M_i`` (each ``(..., d_i, d_i)``; the
-  shifts of all, stacks flattened, in one vector), in few calls: matrices of
-  similar sizes are padded with an identity block (which leaves their
-  inverses' leading block exact) and inverted together, by Cholesky.
+  shifts of all, stacks flattened, in one vector) by Cholesky, in few calls:
+  matrices of similar sizes are padded with an identity block (which leaves
+  their inverses' leading block exact) and inverted together.
 
-  The group of the ``SMALL`` ones goes by ``eigh``, eigenvalues clipped at
-  0: at those sizes it costs little more and compiles faster (digits
-  autoencoder: 0.13 s against 0.46 s for a Cholesky, its inverse and its
-  check), and it cannot fail. If a Cholesky fails (``M_i`` indefinite
-  beyond its shift, from round-off), the Cholesky groups are redone that
-  way, in one call padded to the largest size: one eigendecomposition
+  If a Cholesky fails (``M_i`` indefinite beyond its shift, from
+  round-off), all are redone with their eigenvalues clipped at 0, in one
+  call over all matrices padded to the largest size: one eigendecomposition
   compiles, and runs only then.
   """
   sizes = [m.shape[-1] for m in ms]
@@ -259,30 +252,21 @@ def damped_inverses(ms: Sequence[jax.Array],
         _flat(pad(ms[i], sizes[i]) + eye(sizes[i], ms[i].dtype), stacks[i])
         for i in members]), shifts[np.concatenate([
             np.arange(starts[i], starts[i + 1]) for i in members])]))
-  small = [m.shape[-1] <= SMALL for m, _ in inputs]
-  tried = [(_batched(_eigh_inverse, *args), True) if is_small
-           else _batched(_cholesky_inverse, *args)
-           for args, is_small in zip(inputs, small)]
-  chol = [i for i, is_small in enumerate(small) if not is_small]
+  tried = [_batched(_cholesky_inverse, *args) for args in inputs]
 
-  def by_eigh():  # the Cholesky groups in one call, padded to the largest
-    top = inputs[chol[0]][0].shape[-1]
+  def by_eigh():  # all in one call, padded to the largest size: it is rare
+    top = inputs[0][0].shape[-1]
     eye = lambda d: jnp.diag(jnp.arange(top) >= d).astype(inputs[0][0].dtype)
-    mats = jnp.concatenate([
-        jnp.pad(inputs[i][0], [(0, 0)] + [(0, top - inputs[i][0].shape[-1])]
-                * 2) + eye(inputs[i][0].shape[-1]) for i in chol])
+    mats = jnp.concatenate([jnp.pad(m, [(0, 0)] + [(0, top - m.shape[-1])] * 2)
+                            + eye(m.shape[-1]) for m, _ in inputs])
     invs = _batched(_eigh_inverse, mats,
-                    jnp.concatenate([inputs[i][1] for i in chol]))
-    cuts = np.cumsum([len(inputs[i][1]) for i in chol])[:-1]
-    return [inv[:, :inputs[i][0].shape[-1], :inputs[i][0].shape[-1]]
-            for i, inv in zip(chol, jnp.split(invs, cuts))]
+                    jnp.concatenate([shift for _, shift in inputs]))
+    cuts = np.cumsum([len(shift) for _, shift in inputs])[:-1]
+    return [inv[:, :m.shape[-1], :m.shape[-1]] for inv, (m, _) in
+            zip(jnp.split(invs, cuts), inputs)]
 
-  invs = [inv for inv, _ in tried]
-  if chol:
-    ok = jnp.all(jnp.stack([jnp.all(tried[i][1]) for i in chol]))
-    redone = jax.lax.cond(ok, lambda: [invs[i] for i in chol], by_eigh)
-    invs = [redone[chol.index(i)] if i in chol else inv
-            for i, inv in enumerate(invs)]
+  invs = jax.lax.cond(jnp.all(jnp.stack([jnp.all(ok) for _, ok in tried])),
+                      lambda: [inv for inv, _ in tried], by_eigh)
   out: dict[int, jax.Array] = {}
   for members, inv in zip(groups, invs):
     out.update(_split(inv, members, stacks, sizes))
