@@ -13,8 +13,8 @@ model of the loss with the *exact* Fisher ``F`` (Martens & Grosse 2015, §7),
     \\begin{pmatrix} g^\\top Δ \\\\ g^\\top δ \\end{pmatrix},
   \\qquad C = F + λI.
 
-The products ``vᵢᵀ F vⱼ = (1/M) ⟨J vᵢ, Λ J vⱼ⟩`` come from one linearisation
-of the model's outputs with both tangents batched (``J`` the outputs'
+The products ``vᵢᵀ F vⱼ = (1/M) ⟨J vᵢ, Λ J vⱼ⟩`` come from one forward-mode
+pass of the model's outputs with both tangents batched (``J`` the outputs'
 Jacobian, ``Λ`` the loss's output Fisher, ``M`` its number of terms). ``λ`` is
 in the model that picks ``(α, μ)`` but not in the one that judges the step:
 the reduction ratio
@@ -77,10 +77,11 @@ class QuadraticModel(NamedTuple):
 def quadratic_model(output_fn: Callable[[Any], jax.Array], loss: Any,
                     targets: Any, params: Any, grads: Any,
                     vectors: tuple[Any, Any], dtype: Any) -> QuadraticModel:
-  """Builds :class:`QuadraticModel` from one linearisation of ``output_fn``."""
+  """Builds :class:`QuadraticModel` from one forward-mode pass of
+  ``output_fn`` with both tangents batched."""
   # jvp, not linearize: the primal is computed once either way (it is not
-  # batched), but linearize's tangent pass recomputes the primal inside every
-  # jax.checkpoint (nn.remat) block, and its residuals take memory.
+  # batched) and the speed is the same (MNIST autoencoder, transformer), but
+  # linearize keeps the whole forward's residuals alive for the tangents.
   outputs, jv = jax.vmap(lambda v: jax.jvp(output_fn, (params,), (v,)),
                          out_axes=(None, 0))(
                              jax.tree.map(lambda *v: jnp.stack(v), *vectors))
