@@ -4,8 +4,13 @@ Tapes as ``curvature`` (blocks computed only on factor-update steps) and the
 π-split's cached damped inverses (Cholesky, with an eigh fallback).
 """
 
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -232,3 +237,54 @@ def test_factors_of_many_sizes_are_inverted_together_exactly(indefinite):
             else expected(m, s))
     assert inv.shape == m.shape
     np.testing.assert_allclose(inv, want, rtol=1e-8, atol=1e-10)
+
+
+def _lapack_order(fn, *args):
+  """For each LAPACK call in ``fn``'s jaxpr, the earlier calls it waits on."""
+  jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+  after, calls = {}, []
+  for eqn in jaxpr.eqns:
+    deps = set().union(*(after.get(v, set()) for v in eqn.invars
+                         if not isinstance(v, jax.extend.core.Literal)))
+    if "cholesky" in (eqn.primitive.name, eqn.params.get("name")) or (
+        "eigh" in (eqn.primitive.name, eqn.params.get("name"))):
+      calls.append(set(deps))
+      deps = deps | {len(calls) - 1}
+    for v in eqn.outvars:
+      after[v] = deps
+  return calls
+
+
+def test_batched_decompositions_run_one_at_a_time():
+  # jaxlib's batched LAPACK calls block a worker of XLA's thread pool until
+  # their batch is done: two at once on a 2-core machine hang forever. Each
+  # size group's call must wait for the previous one.
+  rng = np.random.default_rng(0)
+  ms = [jnp.asarray(random_spd(rng, d)) for d in (3, 3, 130, 130, 300, 300)]
+  shifts = jnp.full(len(ms), 0.1)
+  chol = _lapack_order(lambda m: _linalg.damped_inverses(m, shifts), ms)
+  eigh = _lapack_order(_linalg.eighs, ms)
+  for calls in (chol, eigh):
+    assert len(calls) >= 3
+  assert chol == [set(), {0}, {0, 1}]  # the eigh fallback: in a cond
+  assert eigh == [set(), {0}, {0, 1}]
+
+
+def test_refresh_of_many_groups_does_not_hang():
+  script = """
+import jax, jax.numpy as jnp, numpy as np
+from kronjax.linalg import _factors
+rng = np.random.default_rng(0)
+ms = [jnp.asarray(a @ a.T / d + np.eye(d)) for d in (300, 150, 70, 40)
+      for a in [rng.normal(size=(d, d)).astype(np.float32)] for _ in range(3)]
+shifts = jnp.full(len(ms), 1e-3, jnp.float32)
+f = jax.jit(_factors.damped_inverses)
+g = jax.jit(_factors.eighs)
+for _ in range(40):
+  jax.block_until_ready((f(ms, shifts), g(ms)))
+print("ok")
+"""
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                        text=True, timeout=120,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.stdout.strip() == "ok", proc.stderr[-3000:]

@@ -202,13 +202,30 @@ def _groups(sizes: Sequence[int], pad: bool) -> list[list[int]]:
   return groups
 
 
-def _batched(fn: Callable, *args: jax.Array):
-  """``fn`` over the leading axis of ``args``: one batched call, but on CPU
-  ``lax.map`` (jaxlib's batched LAPACK calls on CPU, several in one program,
-  can wait on each other forever), which also compiles ``fn`` once."""
-  if jax.default_backend() == "cpu":
-    return jax.lax.map(lambda a: fn(*a), args)
-  return fn(*args)
+def _in_turn(fn: Callable, calls: Sequence[tuple[jax.Array, ...]]) -> list:
+  """``[fn(*args) for args in calls]``, one batched call each, run one after
+  another: each call's first argument depends (by adding zero) on the
+  previous call's results.
+
+  jaxlib's batched LAPACK calls on CPU (0.10) split their batch over XLA's
+  intra-op thread pool and block their own worker until the batch is done:
+  two such calls at once on a 2-thread pool wait on each other forever.
+  XLA would run independent calls at once; the dependency orders them
+  (``lax.optimization_barrier`` does not). The added zero is computed from a
+  comparison, so it stays zero when a result is not finite. Several CPU
+  devices share one pool and would run their calls at once: there each
+  call is a ``lax.map`` of unbatched calls, which do not use the pool.
+  """
+  if jax.default_backend() == "cpu" and jax.local_device_count() > 1:
+    return [jax.lax.map(lambda a: fn(*a), args) for args in calls]
+  results: list = []
+  for args in calls:
+    if results:
+      last = jax.tree.leaves(results[-1])[0].reshape(-1)[0]
+      zero = (last != last).astype(args[0].dtype) * 0
+      args = (args[0] + zero,) + tuple(args[1:])
+    results.append(fn(*args))
+  return results
 
 
 def _flat(m: jax.Array, stack: tuple[int, ...]) -> jax.Array:
@@ -252,15 +269,15 @@ def damped_inverses(ms: Sequence[jax.Array],
         _flat(pad(ms[i], sizes[i]) + eye(sizes[i], ms[i].dtype), stacks[i])
         for i in members]), shifts[np.concatenate([
             np.arange(starts[i], starts[i + 1]) for i in members])]))
-  tried = [_batched(_cholesky_inverse, *args) for args in inputs]
+  tried = _in_turn(_cholesky_inverse, inputs)
 
   def by_eigh():  # all in one call, padded to the largest size: it is rare
     top = inputs[0][0].shape[-1]
     eye = lambda d: jnp.diag(jnp.arange(top) >= d).astype(inputs[0][0].dtype)
     mats = jnp.concatenate([jnp.pad(m, [(0, 0)] + [(0, top - m.shape[-1])] * 2)
                             + eye(m.shape[-1]) for m, _ in inputs])
-    invs = _batched(_eigh_inverse, mats,
-                    jnp.concatenate([shift for _, shift in inputs]))
+    invs, = _in_turn(_eigh_inverse, [
+        (mats, jnp.concatenate([s for _, s in inputs]))])
     cuts = np.cumsum([len(shift) for _, shift in inputs])[:-1]
     return [inv[:, :m.shape[-1], :m.shape[-1]] for inv, (m, _) in
             zip(jnp.split(invs, cuts), inputs)]
@@ -278,10 +295,12 @@ def eighs(ms: Sequence[jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
   in one call per size."""
   sizes = [m.shape[-1] for m in ms]
   stacks = [m.shape[:-2] for m in ms]
+  groups = _groups(sizes, pad=False)
+  results = _in_turn(jnp.linalg.eigh, [
+      (jnp.concatenate([_flat(ms[i], stacks[i]) for i in members]),)
+      for members in groups])
   out: dict[int, tuple[jax.Array, jax.Array]] = {}
-  for members in _groups(sizes, pad=False):
-    mats = jnp.concatenate([_flat(ms[i], stacks[i]) for i in members])
-    vals, vecs = _batched(jnp.linalg.eigh, mats)
+  for members, (vals, vecs) in zip(groups, results):
     vals = _split(vals, members, stacks, sizes)
     vecs = _split(vecs, members, stacks, sizes)
     out.update({i: (vals[i], vecs[i]) for i in members})
