@@ -246,8 +246,7 @@ def _lapack_order(fn, *args):
   for eqn in jaxpr.eqns:
     deps = set().union(*(after.get(v, set()) for v in eqn.invars
                          if not isinstance(v, jax.extend.core.Literal)))
-    if "cholesky" in (eqn.primitive.name, eqn.params.get("name")) or (
-        "eigh" in (eqn.primitive.name, eqn.params.get("name"))):
+    if {eqn.primitive.name, eqn.params.get("name")} & {"cholesky", "eigh"}:
       calls.append(set(deps))
       deps = deps | {len(calls) - 1}
     for v in eqn.outvars:
@@ -264,8 +263,6 @@ def test_batched_decompositions_run_one_at_a_time():
   shifts = jnp.full(len(ms), 0.1)
   chol = _lapack_order(lambda m: _linalg.damped_inverses(m, shifts), ms)
   eigh = _lapack_order(_linalg.eighs, ms)
-  for calls in (chol, eigh):
-    assert len(calls) >= 3
   assert chol == [set(), {0}, {0, 1}]  # the eigh fallback: in a cond
   assert eigh == [set(), {0}, {0, 1}]
 
