@@ -125,6 +125,14 @@ def solve(model: QuadraticModel, damping: jax.Array) -> jax.Array:
                               jnp.zeros_like(alpha_only)]))
 
 
+def flip_first(model: QuadraticModel) -> QuadraticModel:
+  """The model with its first direction ``v₀`` replaced by ``−v₀``."""
+  sign = jnp.array([-1, 1], model.grad.dtype)
+  return model._replace(fisher=model.fisher * jnp.outer(sign, sign),
+                        gram=model.gram * jnp.outer(sign, sign),
+                        grad=model.grad * sign)
+
+
 def predicted_change(model: QuadraticModel, w: jax.Array) -> jax.Array:
   """``gᵀd + ½ dᵀFd`` for ``d = w₀Δ + w₁δ`` (undamped, for ``ρ``)."""
   return model.grad @ w + 0.5 * w @ model.fisher @ w
@@ -218,18 +226,21 @@ def adaptive_step(loss: Any, damping: Any, norm_constraint: Any,
         updates, state.factors, curvature, settings, count,
         lambda fs: jnp.where(jnp.isnan(lam), initial_damping(fs, dtype), lam),
         finite)
-    delta = jax.tree.map(lambda p, x: -p.astype(x.dtype), precond, params)
+    precond = optax.tree.cast_like(precond, params)
     prev = optax.tree.cast_like(state.prev_step, params)
-    model = quadratic_model(output_fn, loss, targets, params, updates,
-                            (delta, prev), dtype)
+    # The model of span(P, δ), turned into that of span(Δ, δ) with Δ = −P
+    # by flipping the signs of Δ's entries: no negated copy of P.
+    model = flip_first(quadratic_model(output_fn, loss, targets, params,
+                                       updates, (precond, prev), dtype))
     w = solve(model, lam)
     if norm_constraint is not None:
       w = w * norm_constraint_scale(w @ model.fisher @ w, norm_constraint)
-    step = jax.tree.map(lambda a, b, d: w[0] * a.astype(d.dtype)
-                        + w[1] * b.astype(d.dtype), delta, prev,
-                        state.prev_step)
+    combine = lambda w: jax.tree.map(
+        lambda p, b, d: -w[0] * p.astype(d.dtype) + w[1] * b.astype(d.dtype),
+        precond, prev, state.prev_step)
 
-    moved = jax.tree.map(lambda p, d: p + d.astype(p.dtype), params, step)
+    moved = jax.tree.map(lambda p, d: p + d.astype(p.dtype), params,
+                         combine(w))
     change = loss(output_fn(moved), targets).astype(dtype) - model.loss
     predicted = predicted_change(model, w)
     rho = change / jnp.where(predicted != 0, predicted, 1)
@@ -243,8 +254,8 @@ def adaptive_step(loss: Any, damping: Any, norm_constraint: Any,
     reject = finite & ~(change <= REJECT * jnp.abs(model.loss))
     lam = jnp.where(reject, jnp.minimum(lam * BOOST, DAMPING_BOUNDS[1]),
                     adapted)
-    step = _trees.select(reject, jax.tree.map(jnp.zeros_like, step), step)
     w = jnp.where(reject, 0, w)
+    step = combine(w)  # exactly zero if rejected (and the inputs finite)
     count = optax.safe_int32_increment(count)
     out = jax.tree.map(lambda d, g: -d.astype(g.dtype), step, updates)
     if settings.placement is not None:  # neither may inherit a factor split

@@ -205,26 +205,41 @@ def refresh_side(f: LayerFactors, side: str, damping: Any) -> Factor:
       {0: f}, [(0, side)], damping).reshape(f.weight.shape)), weight)
 
 
-def refresh_all(factors: dict[str, LayerFactors],
-                damping: Any) -> dict[str, LayerFactors]:
+def _dense(factors: dict[str, LayerFactors]) -> list[tuple[str, str]]:
+  """The ``(key, side)`` of every dense (not diagonal) factor."""
+  return [(key, side) for key, f in factors.items() for side in "ag"
+          if getattr(f, side).ema.ndim != f.weight.ndim + 1]
+
+
+def dense_shifts(factors: dict[str, LayerFactors], damping: Any) -> Any:
+  """The π-split's shifts of the dense factors, for :func:`refresh_all`
+  (``None`` for eigenbases, which take no shift)."""
+  dense = _dense(factors)
+  if not dense or isinstance(factors[dense[0][0]].a, EighFactor):
+    return None
+  return _shifts(factors, dense, damping)
+
+
+def refresh_all(factors: dict[str, LayerFactors], damping: Any,
+                shifts: Any = None) -> dict[str, LayerFactors]:
   """Every layer's refresh (:func:`refresh_side` of both factors), with the
   dense factors of all layers decomposed together: one batched call per
   size class (``kronjax.linalg._factors.damped_inverses`` / ``eighs``),
-  so a model compiles a handful of decompositions, not two per layer."""
-  new = {key: {} for key in factors}
-  dense = []
-  for key, f in factors.items():
-    for side in "ag":
-      if getattr(f, side).ema.ndim == f.weight.ndim + 1:  # diagonal
-        new[key][side] = refresh_side(f, side, damping)
-      else:
-        dense.append((key, side))
+  so a model compiles a handful of decompositions, not two per layer.
+
+  ``shifts``: :func:`dense_shifts` of ``factors``, if computed already.
+  """
+  dense = _dense(factors)
+  new = {key: {side: refresh_side(f, side, damping) for side in "ag"
+               if (key, side) not in dense} for key, f in factors.items()}
   emas = [_ema(factors[k], s) for k, s in dense]  # weights: in _stored
   weights = [_weight(factors[k]) for k, _ in dense]
-  if not dense or isinstance(factors[dense[0][0]].a, EighFactor):
+  if shifts is None:
+    shifts = dense_shifts(factors, damping)
+  if shifts is None:
     results = _linalg.eighs(emas)
   else:
-    results = _linalg.damped_inverses(emas, _shifts(factors, dense, damping))
+    results = _linalg.damped_inverses(emas, shifts)
   for (key, side), result, w in zip(dense, results, weights):
     new[key][side] = _stored(getattr(factors[key], side), result, w)
   return {key: f._replace(**new[key]) if f.corrections is None
@@ -274,17 +289,21 @@ def maintain(factors: dict[str, LayerFactors], blocks_fn: Callable, keys,
       blocks = _distributed.replicate(blocks, placement)
     return {k: update(f, *blocks[k], settings.decay) for k, f in fs.items()}
 
-  if placement is None:
-    refresh_fn = lambda fs: refresh_all(fs, damping)
-  else:
-    sizes = {k: layers[k].factor_sizes for k in keys}
-    refresh_fn = lambda fs: _distributed.refresh(
-        fs, lambda f, side: refresh_side(f, side, damping), placement, sizes)
+  if placement is not None:
     sub = _distributed.constrain(sub, placement)
   identity = lambda fs: fs
   sub = jax.lax.cond(update_now, update_all, identity, sub)
   if callable(damping):
     damping = damping(sub)
+  if placement is None:
+    # Outside the cond, the shifts' traces are the ones the adaptive step's
+    # first damping takes: XLA computes (and compiles) them once.
+    shifts = dense_shifts(sub, damping)
+    refresh_fn = lambda fs: refresh_all(fs, damping, shifts)
+  else:
+    sizes = {k: layers[k].factor_sizes for k in keys}
+    refresh_fn = lambda fs: _distributed.refresh(
+        fs, lambda f, side: refresh_side(f, side, damping), placement, sizes)
   sub = jax.lax.cond(refresh_now, refresh_fn, identity, sub)
   if corrections_fn is not None:
     sub = jax.lax.cond(update_now, corrections_fn, identity, sub)

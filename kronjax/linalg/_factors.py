@@ -151,13 +151,18 @@ def combine(vectors: Sequence[jax.Array],
 
 
 def _cholesky_inverse(m: jax.Array, shift: jax.Array):
-  """``(M + shift·I)⁻¹`` by Cholesky, and whether the Cholesky succeeded."""
+  """``(M + shift·I)⁻¹`` by Cholesky, and whether the Cholesky succeeded.
+
+  Two triangular solves against the identity (``cho_solve``), which keep
+  LAPACK's column-major layout throughout: a third less to compile than one
+  solve and a product with its transpose, and faster. A failed Cholesky is
+  NaN; its diagonal shows it (a finite Cholesky gives a finite inverse
+  unless the shift underflows, where clipping would not help).
+  """
   eye = jnp.broadcast_to(jnp.eye(m.shape[-1], dtype=m.dtype), m.shape)
   chol = jnp.linalg.cholesky(m + shift[..., None, None] * eye)
-  root = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
-  inv = jnp.swapaxes(root, -1, -2) @ root
-  ok = jnp.all(jnp.isfinite(inv)) & (jnp.min(jnp.diagonal(
-      chol, axis1=-2, axis2=-1)) > 0)
+  inv = jax.scipy.linalg.cho_solve((chol, True), eye)
+  ok = jnp.min(jnp.diagonal(chol, axis1=-2, axis2=-1)) > 0
   return (inv + jnp.swapaxes(inv, -1, -2)) / 2, ok
 
 
