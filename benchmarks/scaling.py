@@ -11,8 +11,8 @@ blocks for K-FAC, update, apply):
 
 * ``adam``: ``optax.adam(1e-3)`` on ``jax.value_and_grad``; one ``jax.jit``.
 * ``kronjax``: ``kronjax.kfac(learning_rate=1e-3, damping=1e-3)`` (fixed
-  step; ``inverse_every=10``, ``decay=0.95``, exact damping in the factors'
-  eigenbases: kronjax's defaults) on ``kronjax.flax.value_grad_and_tape(model,
+  step; ``inverse_every=10``, ``decay=0.95``, the π-corrected damping with
+  cached damped inverses: kronjax's defaults) on ``kronjax.flax.value_grad_and_tape(model,
   softmax_cross_entropy)`` (one Monte-Carlo sample) and
   ``kronjax.fisher_blocks``; one ``jax.jit``.
 * ``kfac-jax`` (where ``kfac_jax`` imports, i.e. in the environment of
@@ -367,7 +367,7 @@ def write_markdown(path: pathlib.Path, res: dict) -> None:
       f"MLP {IN_DIM}-w-w-w-{CLASSES} (ReLU), softmax cross-entropy, random "
       f"data, float32, {env['backend']} with {env['cpus']} cores. kronjax: "
       f"`kronjax.kfac(learning_rate={LR}, damping={DAMPING})` (inverse_every="
-      f"{INVERSE_EVERY}, decay {DECAY}, exact damping: defaults), whole jitted "
+      f"{INVERSE_EVERY}, decay {DECAY}, π-corrected damping: defaults), whole jitted "
       f"step with tape and blocks. Adam: `optax.adam({LR})`. "
       + ("kfac-jax: fixed lr / damping, momentum 0, inverse_update_period "
          f"{INVERSE_EVERY}, curvature_ema {DECAY}, its default pi-damped inverses. "
