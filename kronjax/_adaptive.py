@@ -235,7 +235,7 @@ def adaptive_step(loss: Any, damping: Any, norm_constraint: Any,
     w = solve(model, lam)
     if norm_constraint is not None:
       w = w * norm_constraint_scale(w @ model.fisher @ w, norm_constraint)
-    combine = lambda w: jax.tree.map(
+    combine = lambda w: jax.tree.map(  # d = w₀Δ + w₁δ, in δ's dtype
         lambda p, b, d: -w[0] * p.astype(d.dtype) + w[1] * b.astype(d.dtype),
         precond, prev, state.prev_step)
 
