@@ -293,12 +293,14 @@ def maintain(factors: dict[str, LayerFactors], blocks_fn: Callable, keys,
     sub = _distributed.constrain(sub, placement)
   identity = lambda fs: fs
   sub = jax.lax.cond(update_now, update_all, identity, sub)
-  if callable(damping):
+  # A damping function (the adaptive step's first damping) takes the same
+  # traces as the shifts: outside the cond, XLA computes (and compiles) them
+  # once. Otherwise they stay in the cond, off the steps without a refresh.
+  shared = callable(damping)
+  if shared:
     damping = damping(sub)
   if placement is None:
-    # Outside the cond, the shifts' traces are the ones the adaptive step's
-    # first damping takes: XLA computes (and compiles) them once.
-    shifts = dense_shifts(sub, damping)
+    shifts = dense_shifts(sub, damping) if shared else None
     refresh_fn = lambda fs: refresh_all(fs, damping, shifts)
   else:
     sizes = {k: layers[k].factor_sizes for k in keys}
